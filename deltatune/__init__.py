@@ -1,0 +1,64 @@
+"""deltatune: parameter-efficient fine-tuning for PyTorch, with the API and file format of the `peft` package.
+
+    import deltatune as peft
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules="all-linear"))
+"""
+
+from deltatune.config import PeftConfig, PeftType, TaskType
+from deltatune.methods.adalora import AdaLoraConfig
+from deltatune.methods.adapters import BottleneckConfig
+from deltatune.methods.bitfit import BitFitConfig
+from deltatune.methods.freeze import FreezeConfig, FullConfig
+from deltatune.methods.ia3 import IA3Config
+from deltatune.methods.lora import LoraConfig
+from deltatune.methods.prefix import PrefixTuningConfig, PTuningV2Config
+from deltatune.methods.prompt import (
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
+from deltatune.methods.prompt_learning import PromptLearningConfig
+from deltatune.model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+from deltatune.quant import prepare_model_for_kbit_training, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaLoraConfig",
+    "BitFitConfig",
+    "BottleneckConfig",
+    "FreezeConfig",
+    "FullConfig",
+    "IA3Config",
+    "LoraConfig",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PTuningV2Config",
+    "TaskType",
+    "get_peft_model",
+    "prepare_model_for_kbit_training",
+    "quantize",
+]

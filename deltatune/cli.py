@@ -1,0 +1,184 @@
+"""The `deltatune` command: a thin layer that parses arguments and calls the library.
+
+    deltatune train recipes/sst2-minilm-lora.yaml --lora.r 16 --epochs 2
+    deltatune eval runs/sst2 [--file dev.tsv] [--json]
+    deltatune predict runs/sst2 [--file rows.jsonl]     (or lines on stdin)
+    deltatune merge runs/sst2 merged/
+    deltatune inspect runs/sst2 | MODEL
+
+Mistakes in the input (a missing file or column, an unknown key or method, a bad value) print one line that says
+what is wrong and how to fix it, and exit with status 2. Set DELTATUNE_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn):
+    """Turn any exception into a one-line error (the traceback stays available with DELTATUNE_DEBUG=1)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as err:  # noqa: BLE001 - the point is to never show a bare traceback
+            if os.environ.get("DELTATUNE_DEBUG"):
+                raise
+            known = type(err).__name__ in ("RecipeError", "DataError", "ValueError", "FileNotFoundError")
+            fail(str(err) if known else f"{type(err).__name__}: {err}")
+
+    return wrapper
+
+
+def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v:.4f}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
+        typer.echo(f"{key}: {value}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@guarded
+def train(
+    ctx: typer.Context,
+    config: str = typer.Argument(..., help="Recipe YAML; extra --key value pairs override it."),
+):
+    """Train an adapter from a recipe; writes the adapter, run_config.yaml and metrics.json to output_dir."""
+    from deltatune.train.recipe import load_recipe, train_from_recipe
+
+    raw = load_recipe(config, list(ctx.args))
+    result = train_from_recipe(raw)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_metrics(result["metrics"], as_json=False)
+        typer.echo(f"adapter saved to {os.path.abspath(raw.get('output_dir', 'runs/deltatune'))}")
+
+
+def _rows_from_file(path: str, run) -> list[dict[str, Any]]:
+    from deltatune.train.data import load_table
+
+    return [dict(r) for r in load_table(path)]
+
+
+@app.command("eval")
+@guarded
+def evaluate(
+    adapter: str = typer.Argument(..., help="An output_dir written by `deltatune train`."),
+    file: str = typer.Option(None, help="Data to score (default: the run's eval_file)."),
+    batch_size: int = typer.Option(16),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+):
+    """Score a trained adapter on labelled data."""
+    from deltatune.train.data import load_table
+    from deltatune.train.recipe import load_run, prepare_tables
+
+    model, task, run = load_run(adapter)
+    path = file or run.eval_file or run.test_file
+    if not path:
+        fail("No data to evaluate: pass --file, or train with an eval_file.")
+    tables = prepare_tables(run, {"validation": load_table(path)}, {"validation": path})
+    features = task.prepare(tables["validation"], path)
+    _print_metrics(task.evaluate(model, features, batch_size), as_json)
+
+
+@app.command()
+@guarded
+def predict(
+    adapter: str = typer.Argument(..., help="An output_dir written by `deltatune train`."),
+    file: str = typer.Option(
+        None, help="CSV/TSV/JSON/JSONL/Parquet rows; default: one text per line on stdin."
+    ),
+    batch_size: int = typer.Option(16),
+):
+    """Predict labels (with scores) or generate text; one JSON object per input row on stdout."""
+    from deltatune.train.recipe import load_run
+
+    model, task, run = load_run(adapter)
+    if file:
+        rows = _rows_from_file(file, run)
+    else:
+        column = run.text_column or "text"
+        rows = []
+        for line in sys.stdin:
+            line = line.rstrip("\n")
+            if line.strip():
+                rows.append(json.loads(line) if line.lstrip().startswith("{") else {column: line})
+    if not rows:
+        fail("No input rows: pass --file or write lines to stdin.")
+    for out in task.predict(model, rows, batch_size):
+        typer.echo(json.dumps(out))
+
+
+@app.command()
+@guarded
+def merge(
+    adapter: str = typer.Argument(..., help="An output_dir written by `deltatune train`."),
+    output: str = typer.Argument(..., help="Folder for the merged model (loads with transformers)."),
+):
+    """Fold the adapter into the base weights and save a plain transformers model with its tokenizer."""
+    from deltatune.train.recipe import load_run
+
+    model, task, run = load_run(adapter)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output)
+    if task.tokenizer is not None:
+        task.tokenizer.save_pretrained(output)
+    typer.echo(f"merged model saved to {os.path.abspath(output)}")
+
+
+@app.command()
+@guarded
+def inspect(
+    path: str = typer.Argument(..., help="An adapter folder, or a model (folder, hub name, .gguf, alias)."),
+    task: str = typer.Option("feature-extraction", help="Model head to load when PATH is a model."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Show an adapter's config, targets and size, or a model's parameters and the layers an adapter can target."""
+    from deltatune.train.report import inspect_adapter, inspect_model
+
+    info = (
+        inspect_adapter(path)
+        if os.path.isfile(os.path.join(path, "adapter_config.json"))
+        else inspect_model(path, task)
+    )
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    for key, value in info.items():
+        if isinstance(value, list):
+            value = (
+                ", ".join(map(str, value))
+                if len(value) <= 12
+                else ", ".join(map(str, value[:12])) + f", ... ({len(value)})"
+            )
+        typer.echo(f"{key}: {value}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""What every module-wrapping adapter layer shares: the wrapped base, which adapters are active, and merging.
+
+A layer keeps each adapter's tensors in `nn.ModuleDict`/`nn.ParameterDict` attributes keyed by adapter name
+(listed in `adapter_attrs`), so many adapters live side by side and the state-dict names look like peft's:
+`<module>.lora_A.<adapter>.weight`. The wrapped module stays reachable as `base_layer`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from deltatune.inject import is_gpt2_conv1d
+from deltatune.quant import dequantize_for_merge, dequantize_weight, is_quantized, keep_standard_layout
+
+
+class AdapterLayer(nn.Module):
+    """Base of adapter layers. Subclasses implement `add(...)`, `forward`, and (if mergeable) `delta_weight`."""
+
+    adapter_attrs: tuple[str, ...] = ()
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        keep_standard_layout(base_layer)  # bitsandbytes 4-bit: see deltatune.quant.keep_standard_layout
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_attrs:
+            for name in getattr(self, attr).keys():
+                if name not in names:
+                    names.append(name)
+        return names
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def running_adapters(self) -> list[str]:
+        """The adapters whose contribution the forward pass must add (none when disabled or merged)."""
+        if self.disabled or self.merged:
+            return []
+        return [a for a in self.active_adapters if a in self.adapter_names]
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"Adapter {name!r} is merged into the weights; unmerge it before deleting it.")
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    # --- weights -------------------------------------------------------------------------------
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return is_gpt2_conv1d(self.base_layer)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in the (out, in, ...) layout, whatever layout the base module stores. A bitsandbytes
+        4/8-bit base gives its dequantized float weight (a fresh tensor: writing to it changes nothing)."""
+        if is_quantized(self.base_layer):
+            return dequantize_weight(self.base_layer)
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The change adapter `name` makes to `base_weight()`, in the same layout."""
+        raise TypeError(f"{type(self).__name__} cannot be merged into the base weights.")
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight after merging adapter `name` (additive by default; DoRA and IA3 override)."""
+        return weight + self.delta_weight(name).to(weight.dtype)
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight(name).to(weight.dtype)
+
+    def _write_weight(self, weight: torch.Tensor) -> None:
+        if is_quantized(self.base_layer):
+            raise TypeError(
+                "The base layer is quantized (bitsandbytes); its weight cannot be overwritten in place. "
+                "Initialize the adapter (e.g. PiSSA/OLoRA) on the float model, then quantize."
+            )
+        target = self.base_layer.weight
+        target.data.copy_(weight.T if self.fan_in_fan_out else weight)
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if not self.mergeable:
+            raise TypeError(f"{type(self).__name__} adapters change activations, not weights, and cannot be merged.")
+        for name in names if names is not None else self.active_adapters:
+            if name in self.merged_adapters or name not in self.adapter_names:
+                continue
+            new = self.merged_weight(name, self.base_weight().clone())
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(f"Merging adapter {name!r} would put NaN/inf into the weights; nothing was merged.")
+            if is_quantized(self.base_layer):  # merging dequantizes the layer; see deltatune/quant.py
+                self.base_layer = dequantize_for_merge(self.base_layer)
+            self._write_weight(new)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, count: int | None = None) -> None:
+        """Undo the last `count` merges (all by default), newest first, so each step inverts exactly one merge."""
+        count = len(self.merged_adapters) if count is None else count
+        for _ in range(count):
+            name = self.merged_adapters.pop()
+            self._write_weight(self.unmerged_weight(name, self.base_weight().clone()))
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full (e.g. a classifier head): one trainable copy per adapter, the original untouched.
+
+    State-dict names match peft's wrapper: `<name>.original_module.*` and `<name>.modules_to_save.<adapter>.*`.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def set_active(self, names: list[str]) -> None:
+        chosen = [n for n in names if n in self.modules_to_save]
+        if len(chosen) > 1:
+            raise ValueError(f"Only one adapter with modules_to_save can be active at a time; got {chosen}.")
+        self.active_adapter = chosen[0] if chosen else None
+
+    def delete(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Let code that reads e.g. `model.classifier.weight` or `.out_features` keep working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "original_module" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self.current(), name)

@@ -1,0 +1,298 @@
+"""Prompt tuning (Lester et al. 2021) and P-tuning (Liu et al. 2021): trainable virtual tokens in front of the input.
+
+Prompt tuning learns `num_virtual_tokens` embeddings directly (initialised at random, from sampled vocabulary
+embeddings, or from the embeddings of a text). P-tuning produces them with a small prompt encoder (an MLP, or a
+bidirectional LSTM followed by an MLP) over learned inputs; the encoder is a training aid, so the checkpoint holds its
+output, and a loaded adapter is a plain embedding table (as in peft, whose file format this is).
+
+The base model runs on `[prompts; token embeddings]`, with the attention mask, position ids, token type ids and
+(for token-level tasks) the labels extended to cover the virtual tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.methods import prompt_learning as pl
+from deltatune.methods.prompt_learning import (  # noqa: F401  (method hooks)
+    MERGEABLE,
+    PromptLearningConfig,
+    check_loadable,
+    remove,
+    state_dict,
+    tensors_to_save,
+)
+
+
+class PromptTuningInit(str, enum.Enum):
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+
+
+class PromptEncoderReparameterizationType(str, enum.Enum):
+    MLP = "MLP"
+    LSTM = "LSTM"
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning options, named as in peft.
+
+    `prompt_tuning_init="TEXT"` starts the prompts at the embeddings of `prompt_tuning_init_text` (its tokens are
+    repeated or cut to `num_virtual_tokens`), tokenized by `tokenizer_name_or_path`: a name or folder for
+    `AutoTokenizer`, or a tokenizer object (only its `name_or_path` is written to the JSON).
+    """
+
+    prompt_tuning_init: PromptTuningInit | str = PromptTuningInit.RANDOM
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = "PROMPT_TUNING"
+        choices = PromptTuningInit._value2member_map_
+        init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)
+        if init not in choices:
+            raise ValueError(f"prompt_tuning_init must be one of {', '.join(choices)}, got {init!r}.")
+        self.prompt_tuning_init = PromptTuningInit(init)
+        tokenizer = self.tokenizer_name_or_path
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            if not callable(tokenizer):
+                raise TypeError(
+                    f"tokenizer_name_or_path must be a name, a folder or a tokenizer, got {tokenizer!r}."
+                )
+            self._tokenizer = tokenizer
+            self.tokenizer_name_or_path = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        if self.prompt_tuning_init == PromptTuningInit.TEXT:
+            if not self.tokenizer_name_or_path:
+                raise ValueError(
+                    "prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a name, folder or tokenizer)."
+                )
+            if self.prompt_tuning_init_text is None:
+                raise ValueError(
+                    "prompt_tuning_init='TEXT' needs prompt_tuning_init_text, the text to start from."
+                )
+        elif self.tokenizer_kwargs:
+            raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'.")
+
+    def tokenizer(self):
+        """The tokenizer for TEXT init: the object given in code, else AutoTokenizer (never with remote code)."""
+        given = getattr(self, "_tokenizer", None)
+        if given is not None:
+            return given
+        from transformers import AutoTokenizer
+
+        kwargs = dict(self.tokenizer_kwargs or {})
+        kwargs.pop("trust_remote_code", None)
+        return AutoTokenizer.from_pretrained(self.tokenizer_name_or_path, **kwargs)
+
+
+@dataclass
+class PromptEncoderConfig(PromptLearningConfig):
+    """P-tuning options, named as in peft. `encoder_hidden_size` defaults to the model's hidden size.
+    With the MLP encoder, `encoder_num_layers` is ignored (peft always uses three linear layers)."""
+
+    encoder_reparameterization_type: PromptEncoderReparameterizationType | str = (
+        PromptEncoderReparameterizationType.MLP
+    )
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = "P_TUNING"
+        kind = getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)
+        if kind not in PromptEncoderReparameterizationType._value2member_map_:
+            raise ValueError(f"encoder_reparameterization_type must be 'MLP' or 'LSTM', got {kind!r}.")
+        self.encoder_reparameterization_type = PromptEncoderReparameterizationType(kind)
+        if not 0 <= self.encoder_dropout < 1:
+            raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}.")
+        if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers < 1:
+            raise ValueError(
+                f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}."
+            )
+
+
+# --- encoders -----------------------------------------------------------------------------------------------------
+class PromptEmbedding(nn.Module):
+    """Prompt tuning: the prompts are the rows of one embedding table."""
+
+    def __init__(self, config: PromptTuningConfig, words: nn.Module) -> None:
+        super().__init__()
+        total = config.num_virtual_tokens * config.num_transformer_submodules
+        self.embedding = nn.Embedding(total, config.token_dim)
+        if config.inference_mode:
+            return  # weights come from a checkpoint
+        if config.prompt_tuning_init == PromptTuningInit.SAMPLE_VOCAB:
+            self._copy_rows(words, torch.randint(0, words.num_embeddings, (total,)))
+        elif config.prompt_tuning_init == PromptTuningInit.TEXT:
+            self._copy_rows(words, torch.tensor(_text_token_ids(config, total)))
+
+    @torch.no_grad()
+    def _copy_rows(self, words: nn.Module, token_ids: torch.Tensor) -> None:
+        self.embedding.weight.copy_(words(token_ids.to(words.weight.device)).float())
+
+    reparameterised = False
+
+    def forward(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    def saved(self) -> torch.Tensor:
+        return self.embedding.weight
+
+
+def _text_token_ids(config: PromptTuningConfig, total: int) -> list[int]:
+    """The init text's token ids, repeated or cut to `total` (peft's rule, special tokens included)."""
+    ids = config.tokenizer()(config.prompt_tuning_init_text)["input_ids"]
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    if not ids:
+        raise ValueError("prompt_tuning_init_text tokenizes to nothing; give a non-empty text.")
+    return (ids * math.ceil(total / len(ids)))[:total]
+
+
+class PromptEncoder(nn.Module):
+    """P-tuning: learned inputs go through an MLP (or a bidirectional LSTM + MLP) to give the prompts. Loaded for
+    inference (`inference_mode=True`) it is only the embedding table, holding the saved prompts."""
+
+    def __init__(self, config: PromptEncoderConfig) -> None:
+        super().__init__()
+        total = config.num_virtual_tokens * config.num_transformer_submodules
+        dim, hidden = config.token_dim, config.encoder_hidden_size
+        self.encoder_type = config.encoder_reparameterization_type
+        self.embedding = nn.Embedding(total, dim)
+        self.lstm_head: nn.LSTM | None = None
+        self.mlp_head: nn.Sequential | None = None
+        if config.inference_mode:
+            return
+        if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
+            layers, dropout = config.encoder_num_layers, config.encoder_dropout
+            self.lstm_head = nn.LSTM(
+                dim, hidden, layers, dropout=dropout, bidirectional=True, batch_first=True
+            )
+            self.mlp_head = nn.Sequential(
+                nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim)
+            )
+        else:
+            if config.encoder_num_layers != 2:
+                warnings.warn(
+                    "encoder_num_layers is ignored by the MLP prompt encoder (it has 3 layers).", stacklevel=3
+                )
+            self.mlp_head = nn.Sequential(
+                nn.Linear(dim, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, dim),
+            )
+
+    @property
+    def reparameterised(self) -> bool:
+        return self.mlp_head is not None
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding.weight
+        if self.lstm_head is not None:
+            x = self.lstm_head(x.unsqueeze(0))[0][0]
+        return self.mlp_head(x) if self.mlp_head is not None else x
+
+    def saved(self) -> torch.Tensor:
+        if not self.reparameterised:
+            return self.embedding.weight
+        with torch.no_grad():
+            return self.forward().detach()
+
+
+def inject(peft_model: nn.Module, config: PromptLearningConfig, adapter_name: str) -> None:
+    """Method hook: build the adapter's prompt encoder on the PeftModel (the base model is not touched)."""
+    words = pl.word_embeddings(peft_model.base_model)
+    pl.fill_model_fields(config, peft_model.base_model, kv_heads=False)
+    width = words.weight.shape[-1]
+    if config.token_dim != width:
+        raise ValueError(
+            f"token_dim={config.token_dim}, but the model's token embeddings have width {width}; set token_dim={width}."
+        )
+    if config.peft_type == "P_TUNING":
+        encoder = PromptEncoder(config)
+    else:
+        encoder = PromptEmbedding(config, words)
+    pl.add_encoder(peft_model, adapter_name, encoder)
+
+
+# --- running ------------------------------------------------------------------------------------------------------
+def _with_prompts(peft_model: nn.Module, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
+    """The inputs with the prompts in front of the token embeddings and every per-token input extended to match."""
+    base = peft_model.base_model
+    name, config = pl.active_adapter(peft_model)
+    n = config.num_virtual_tokens * config.num_transformer_submodules
+    batch, length, device = pl.batch_and_length(inputs)
+    input_ids = inputs.get("input_ids")
+    embeds = inputs.pop("inputs_embeds", None)
+    if embeds is None:
+        embeds = pl.word_embeddings(base)(input_ids)
+    prompts = pl.encoder_of(peft_model, name)().to(embeds.dtype)
+    inputs["inputs_embeds"] = torch.cat([prompts.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
+    if not for_generate:
+        inputs.pop("input_ids", None)
+
+    mask = inputs.get("attention_mask")
+    if for_generate and mask is None:  # generate needs a mask as long as the embeddings
+        mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    if mask is not None:
+        mask = inputs["attention_mask"] = pl.extend_mask(mask, n)
+    position_ids = inputs.get("position_ids")
+    if position_ids is not None:
+        inputs["position_ids"] = pl.shift_positions(position_ids, batch, n, keep_virtual=True)
+    elif mask is not None and not for_generate and pl.accepts(base, "position_ids"):
+        inputs["position_ids"] = pl.positions_from_mask(mask)
+    token_types = inputs.get("token_type_ids")
+    if token_types is not None:
+        zeros = torch.zeros(batch, n, dtype=token_types.dtype, device=token_types.device)
+        inputs["token_type_ids"] = torch.cat([zeros, token_types], dim=1)
+    labels = inputs.get("labels")
+    if labels is not None and _token_level(config, labels, batch, length):
+        ignored = torch.full((batch, n), -100, dtype=labels.dtype, device=labels.device)
+        inputs["labels"] = torch.cat([ignored, labels], dim=1)
+    return inputs
+
+
+def _token_level(config: PromptLearningConfig, labels: torch.Tensor, batch: int, length: int) -> bool:
+    """Per-token labels (causal LM, token classification) get -100 for the virtual tokens; per-sequence ones don't."""
+    if config.task_type in ("CAUSAL_LM", "TOKEN_CLS"):
+        return True
+    return config.task_type is None and tuple(labels.shape[:2]) == (batch, length)
+
+
+def forward(peft_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Method hook: run the base model on the prompted inputs (unchanged inputs inside disable_adapter())."""
+    if peft_model._disabled:
+        return peft_model.base_model(*args, **kwargs)
+    inputs = _with_prompts(peft_model, pl.bind_inputs(args, kwargs), for_generate=False)
+    return peft_model.base_model(**inputs)
+
+
+def generate(peft_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Method hook: generate from the prompted embeddings. The returned ids are `input_ids` + new tokens, as with
+    the base model (only the new tokens when called with inputs_embeds alone)."""
+    if peft_model._disabled:
+        return peft_model.base_model.generate(*args, **kwargs)
+    inputs = pl.check_generate_args(args, kwargs)
+    pl.length_as_new_tokens(inputs)
+    inputs = _with_prompts(peft_model, inputs, for_generate=True)
+    return peft_model.base_model.generate(**inputs)
+
+
+CONFIG = PromptTuningConfig
+CONFIGS = {"PROMPT_TUNING": PromptTuningConfig, "P_TUNING": PromptEncoderConfig}

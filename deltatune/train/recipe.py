@@ -1,0 +1,517 @@
+"""Recipes: a YAML file (plus `--key value` overrides) -> a trained, evaluated, saved adapter.
+
+    model: all-minilm-l6-v2          # folder, hub name, .gguf file or packaged alias
+    task: seq-cls                    # seq-cls | token-cls | causal-lm | seq2seq
+    method: lora                     # lora | rslora | dora | any method in deltatune.methods.REGISTRY
+    lora: {r: 8, lora_alpha: 16}     # the method's options, under its name
+    train_file: data/train.csv
+    eval_file: data/dev.csv
+    epochs: 3
+    lr: 5e-4
+
+Every key is checked: an unknown one is an error that names the closest valid key. Relative file paths are tried
+against the working directory, then the recipe's folder and each of its parents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from deltatune.train.data import (
+    Cleaning,
+    DataError,
+    LabelMap,
+    clean_table,
+    load_table,
+    require_columns,
+    split_table,
+)
+from deltatune.train.trainer import TrainConfig, Trainer, seed_everything
+
+RUN_CONFIG = "run_config.yaml"
+
+# method name in a recipe -> (peft_type, options it implies). Anything registered is also accepted by its
+# lower-cased peft_type, so a new method needs no line here unless it wants a friendlier name.
+METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("LORA", {}),
+    "rslora": ("LORA", {"use_rslora": True}),
+    "dora": ("LORA", {"use_dora": True}),
+    "adalora": ("ADALORA", {}),
+    "ia3": ("IA3", {}),
+    "bottleneck": ("BOTTLENECK", {}),
+    "adapter": ("BOTTLENECK", {}),
+    "bitfit": ("BITFIT", {}),
+    "freeze": ("FREEZE", {}),
+    "full": ("FULL", {}),
+    "prompt_tuning": ("PROMPT_TUNING", {}),
+    "p_tuning": ("P_TUNING", {}),
+    "prefix": ("PREFIX_TUNING", {}),
+    "prefix_tuning": ("PREFIX_TUNING", {}),
+    "mam": ("MAM", {}),
+    "unipelt": ("UNIPELT", {}),
+}
+
+TASK_TYPES = {
+    "seq-cls": "SEQ_CLS",
+    "token-cls": "TOKEN_CLS",
+    "causal-lm": "CAUSAL_LM",
+    "seq2seq": "SEQ_2_SEQ_LM",
+    "image-cls": None,
+}
+
+
+class RecipeError(ValueError):
+    """A mistake in a recipe or its overrides, with a message that says how to fix it."""
+
+
+@dataclass
+class RunConfig:
+    """The keys of a recipe besides the trainer's (TrainConfig) and the method's options."""
+
+    model: str = ""
+    task: str = "seq-cls"
+    method: str = "lora"
+    train_file: str | None = None
+    eval_file: str | None = None
+    test_file: str | None = None
+    dataset: str | None = None  # a hub dataset name (online only), used when train_file is not set
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    max_length: int = 256
+    max_train_samples: int = 0  # 0: all rows; otherwise a seeded random subset
+    max_eval_samples: int = 0
+    split: list[float] = field(default_factory=lambda: [0.7, 0.2, 0.1])
+    clean: dict[str, bool] = field(default_factory=dict)
+    teacher: str | None = None  # a model (or trained adapter folder's base) whose logits the student matches
+    max_new_tokens: int = 64
+    generate_samples: int = 32
+    dtype: str | None = None  # e.g. bfloat16 to load the base model in half precision
+    labels: list[str] | None = None  # written by a run: the label names, in class-id order
+
+
+RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+DEFAULT_COLUMNS = {
+    "seq-cls": ("text", "label"),
+    "token-cls": ("tokens", "tags"),
+    "seq2seq": ("source", "target"),
+    "causal-lm": (None, None),
+}
+
+
+# --- reading a recipe ----------------------------------------------------------------------------
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def coerce_numbers(value: Any) -> Any:
+    """YAML 1.1 reads `5e-4` as a string; recipes mean the number."""
+    if isinstance(value, str) and _FLOAT.match(value):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: coerce_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [coerce_numbers(v) for v in value]
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value typed as YAML would type it: 16 -> int, 1e-4 -> float, true -> bool, [a, b] -> list."""
+    try:
+        return coerce_numbers(yaml.safe_load(text))
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """['--lora.r', '16', '--lr=1e-4', '--resume'] -> {'lora': {'r': 16}, 'lr': 0.0001, 'resume': True}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise RecipeError(f"Unexpected argument {arg!r}; overrides look like --key value or --key=value.")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"
+        key = key.replace("-", "_")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parse_value(value)
+        i += 1
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def _closest(key: str, valid: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def method_info(name: str) -> tuple[str, dict[str, Any], type]:
+    """(peft_type, implied options, config class) of a recipe's method name; an error lists what is available."""
+    from deltatune.methods import REGISTRY, config_class_for
+
+    key = str(name).lower().replace("-", "_")
+    peft_type, implied = METHOD_ALIASES.get(key, (key.upper(), {}))
+    if peft_type not in REGISTRY:
+        available = sorted(
+            {m for m, (t, _) in METHOD_ALIASES.items() if t in REGISTRY} | {r.lower() for r in REGISTRY}
+        )
+        raise RecipeError(
+            f"Unknown method {name!r}.{_closest(key, set(available))} Available: {', '.join(available)}."
+        )
+    return peft_type, implied, config_class_for(peft_type)
+
+
+def method_section_names(method: str) -> set[str]:
+    """The keys that may hold this method's options: its own name and, for LoRA variants, `lora`."""
+    key = str(method).lower().replace("-", "_")
+    peft_type = METHOD_ALIASES.get(key, (key.upper(), {}))[0]
+    return {key, peft_type.lower()} | {m for m, (t, _) in METHOD_ALIASES.items() if t == peft_type}
+
+
+def validate(raw: dict[str, Any]) -> dict[str, Any]:
+    """Refuse unknown keys (naming the closest valid one) and check the method and its options."""
+    # an empty method section (e.g. `--lora null` to switch a recipe to another method) is no section at all
+    raw = {k: v for k, v in raw.items() if not (k in METHOD_ALIASES and not v)}
+    method = raw.get("method", "lora")
+    peft_type, implied, config_cls = method_info(method)
+    sections = method_section_names(method)
+    all_sections = set(METHOD_ALIASES) | {"method_options"}
+    valid = RUN_KEYS | TRAIN_KEYS | sections | {"method_options"}
+    for key in raw:
+        if key in all_sections and raw[key] and key not in sections | {"method_options"}:
+            raise RecipeError(
+                f"Options under {key!r} belong to another method; this recipe uses method {method!r}."
+            )
+        if key not in valid:
+            raise RecipeError(f"Unknown key {key!r} in the recipe.{_closest(key, valid)}")
+    option_names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    for section in sections | {"method_options"}:
+        options = raw.get(section) or {}
+        if not isinstance(options, dict):
+            raise RecipeError(f"{section!r} must be a mapping of {method} options, e.g. {section}: {{r: 8}}.")
+        for key in options:
+            if key not in option_names:
+                raise RecipeError(
+                    f"Unknown {method} option {section}.{key}.{_closest(key, option_names)} "
+                    f"Valid options: {', '.join(sorted(option_names))}."
+                )
+    if raw.get("task", "seq-cls") not in TASK_TYPES:
+        raise RecipeError(f"Unknown task {raw.get('task')!r}; use one of: {', '.join(TASK_TYPES)}.")
+    lr = raw.get("lr", TrainConfig.lr)
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise RecipeError(
+            f"lr must be a positive number, got {lr!r}; a typical LoRA learning rate is 1e-4 to 1e-3."
+        )
+    bad_clean = set(raw.get("clean") or {}) - {f.name for f in dataclasses.fields(Cleaning)}
+    if bad_clean:
+        key = sorted(bad_clean)[0]
+        raise RecipeError(
+            f"Unknown cleaning step clean.{key}.{_closest(key, {f.name for f in dataclasses.fields(Cleaning)})}"
+        )
+    return raw
+
+
+def resolve_path(path: str | None, recipe_dir: str | None) -> str | None:
+    """A relative path as given if it exists from here, else from the recipe's folder or any folder above it."""
+    if path is None or os.path.isabs(path) or os.path.exists(path) or recipe_dir is None:
+        return path
+    folder = os.path.abspath(recipe_dir)
+    while True:
+        candidate = os.path.normpath(os.path.join(folder, path))
+        if os.path.exists(candidate):
+            return candidate
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return path
+        folder = parent
+
+
+def load_recipe(path: str | None, overrides: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML recipe, apply overrides, validate, and resolve relative file paths."""
+    raw: dict[str, Any] = {}
+    recipe_dir = None
+    if path is not None:
+        if not os.path.isfile(path):
+            raise RecipeError(f"Recipe file not found: {path}.")
+        with open(path) as fh:
+            try:
+                raw = coerce_numbers(yaml.safe_load(fh) or {})
+            except yaml.YAMLError as err:
+                raise RecipeError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise RecipeError(
+                f"{path} must hold a mapping of keys (model:, task:, ...), not {type(raw).__name__}."
+            )
+        recipe_dir = os.path.dirname(os.path.abspath(path))
+    extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    raw = validate(merge(raw, extra))
+    if not raw.get("model"):
+        raise RecipeError("The recipe needs a model: a folder, a hub name, a .gguf file or a packaged alias.")
+    for key in ("train_file", "eval_file", "test_file", "teacher"):
+        raw[key] = resolve_path(raw.get(key), recipe_dir)
+    if raw.get("model") and (os.path.sep in raw["model"] or raw["model"].startswith(".")):
+        raw["model"] = resolve_path(raw["model"], recipe_dir)
+    return raw
+
+
+def split_recipe(raw: dict[str, Any]) -> tuple[RunConfig, TrainConfig, dict[str, Any]]:
+    """The recipe as (run keys, trainer keys, method options)."""
+    sections = method_section_names(raw.get("method", "lora"))
+    options: dict[str, Any] = {}
+    for section in sorted(sections) + ["method_options"]:
+        options.update(raw.get(section) or {})
+    run = RunConfig(**{k: v for k, v in raw.items() if k in RUN_KEYS})
+    train = TrainConfig(**{k: v for k, v in raw.items() if k in TRAIN_KEYS and k not in RUN_KEYS})
+    return run, train, options
+
+
+# --- building a run -------------------------------------------------------------------------------
+# Defaults a recipe may leave out: methods that wrap chosen layers adapt every linear layer; soft prompts get
+# 20 virtual tokens; AdaLoRA's rank budget is spread over the run's real number of steps.
+DEFAULT_TARGETS = {"LORA", "ADALORA", "IA3"}
+
+
+def make_peft_config(run: RunConfig, options: dict[str, Any], total_steps: int = 1):
+    peft_type, implied, config_cls = method_info(run.method)
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    kwargs = {**implied, **options}
+    if peft_type in DEFAULT_TARGETS and "target_modules" in names and kwargs.get("target_modules") is None:
+        kwargs["target_modules"] = "all-linear"
+    if "num_virtual_tokens" in names and kwargs.get("num_virtual_tokens") is None:
+        kwargs["num_virtual_tokens"] = 20
+    if "total_step" in names and kwargs.get("total_step") is None:
+        kwargs["total_step"] = total_steps
+    if "task_type" in names:
+        kwargs.setdefault("task_type", TASK_TYPES[run.task])
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"Invalid {run.method} options {options}: {err}") from err
+
+
+def planned_steps(train_cfg: TrainConfig, n_rows: int) -> int:
+    """Optimizer steps the run will take (what AdaLoRA's schedule needs before the trainer exists)."""
+    if train_cfg.max_steps > 0:
+        return train_cfg.max_steps
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = math.ceil(n_rows / (train_cfg.batch_size * world))
+    return max(1, math.ceil(train_cfg.epochs * math.ceil(batches / train_cfg.grad_accum)))
+
+
+def _subset(table, n: int, seed: int):
+    if n and n < len(table):
+        order = list(range(len(table)))
+        random.Random(seed).shuffle(order)
+        table = table.select(sorted(order[:n]))
+    return table
+
+
+def load_splits(run: RunConfig, seed: int) -> dict[str, Any]:
+    """train / validation / test tables; one file is split 70/20/10 (seeded) when no eval file is given."""
+    source = run.train_file or run.dataset
+    if not source:
+        raise RecipeError("Set train_file (a CSV/TSV/JSON/JSONL/Parquet file) or dataset (a hub name).")
+    tables = {"train": load_table(source, "train")}
+    if run.eval_file:
+        tables["validation"] = load_table(run.eval_file, "validation")
+    if run.test_file:
+        tables["test"] = load_table(run.test_file, "test")
+    if "validation" not in tables and "test" not in tables:
+        tables = split_table(tables["train"], run.split, seed)
+    tables["train"] = _subset(tables["train"], run.max_train_samples, seed)
+    if "validation" in tables:
+        tables["validation"] = _subset(tables["validation"], run.max_eval_samples, seed)
+    return tables
+
+
+def prepare_tables(run: RunConfig, tables: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """Check the configured columns exist in every table and apply the chosen cleaning."""
+    default_text, default_label = DEFAULT_COLUMNS.get(run.task, (None, None))
+    run.text_column = run.text_column or default_text
+    run.label_column = run.label_column or default_label
+    cleaning = Cleaning(**run.clean)
+    for name, table in tables.items():
+        if run.task == "causal-lm":
+            continue
+        columns = {"text_column": run.text_column, "text_pair_column": run.text_pair_column}
+        if name == "train" or run.label_column in table.column_names:
+            columns["label_column"] = run.label_column
+        require_columns(table, columns, sources[name])
+        tables[name] = clean_table(table, [run.text_column, run.text_pair_column], cleaning)
+    return tables
+
+
+def build_task(run: RunConfig, tokenizer: Any, labels: LabelMap | None):
+    from deltatune.train import tasks
+
+    if run.task == "seq-cls":
+        return tasks.SequenceClassificationTask(
+            tokenizer, run.text_column, run.label_column, run.text_pair_column, labels, run.max_length
+        )
+    if run.task == "token-cls":
+        return tasks.TokenClassificationTask(
+            tokenizer, run.text_column, run.label_column, labels, run.max_length
+        )
+    if run.task == "causal-lm":
+        return tasks.CausalLMTask(tokenizer, run.max_length, run.max_new_tokens, run.generate_samples)
+    if run.task == "seq2seq":
+        return tasks.Seq2SeqTask(
+            tokenizer,
+            run.text_column,
+            run.label_column,
+            run.max_length,
+            run.max_new_tokens,
+            run.generate_samples,
+        )
+    raise RecipeError(
+        f"Task {run.task!r} is available from Python (deltatune.train.tasks), not from recipes."
+    )
+
+
+def fit_labels(run: RunConfig, train_table) -> LabelMap | None:
+    if run.labels:
+        return LabelMap(run.labels)
+    if run.task == "seq-cls":
+        return LabelMap.from_values(train_table[run.label_column])
+    if run.task == "token-cls":
+        return LabelMap.from_values([t for row in train_table[run.label_column] for t in row])
+    return None
+
+
+def check_labels(
+    run: RunConfig, labels: LabelMap | None, tables: dict[str, Any], sources: dict[str, str]
+) -> None:
+    """Every label of the eval/test data must be one the model is trained on."""
+    if labels is None:
+        return
+    for name, table in tables.items():
+        if name == "train" or run.label_column not in table.column_names:
+            continue
+        for value in table[run.label_column]:
+            for item in value if run.task == "token-cls" else [value]:
+                labels.encode(item, sources[name])
+
+
+def load_base(run: RunConfig, labels: LabelMap | None):
+    """The base model (with a fresh head sized for the labels) and its tokenizer."""
+    import torch
+
+    from deltatune.models import load_model_and_tokenizer
+
+    kwargs: dict[str, Any] = {}
+    if labels is not None:
+        kwargs = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels.names)),
+            "label2id": {n: i for i, n in enumerate(labels.names)},
+        }
+    dtype = getattr(torch, run.dtype) if run.dtype else None
+    try:
+        return load_model_and_tokenizer(run.model, task=run.task, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"Could not load model {run.model!r}: {err}") from err
+
+
+def load_teacher(run: RunConfig, labels: LabelMap | None):
+    """The distillation teacher: an output_dir of `deltatune train` (base + adapter) or a plain model."""
+    if not run.teacher:
+        return None
+    if os.path.isfile(os.path.join(run.teacher, RUN_CONFIG)):
+        return load_run(run.teacher)[0]
+    return load_base(RunConfig(**{**dataclasses.asdict(run), "model": run.teacher}), labels)[0]
+
+
+def train_from_recipe(raw: dict[str, Any]) -> dict[str, Any]:
+    """Everything `deltatune train` does: data, model, adapter, training, scores; returns metrics.json's content."""
+    from deltatune.model import get_peft_model
+
+    run, train_cfg, options = split_recipe(raw)
+    make_peft_config(run, options, train_cfg.max_steps or 10**6)  # fail on bad options before slow loading
+    seed_everything(train_cfg.seed)
+    tables = load_splits(run, train_cfg.seed)
+    sources = {
+        "train": run.train_file or run.dataset,
+        "validation": run.eval_file or "the validation split",
+        "test": run.test_file or "the test split",
+    }
+    tables = prepare_tables(run, tables, sources)
+    labels = fit_labels(run, tables["train"])
+    run.labels = labels.names if labels else None
+    check_labels(run, labels, tables, sources)  # before the slow model load
+    model, tokenizer = load_base(run, labels)
+    task = build_task(run, tokenizer, labels)
+    features = {name: task.prepare(table, sources[name]) for name, table in tables.items()}
+    if not features["train"]:
+        raise DataError(f"{sources['train']}: no training rows left.")
+    seed_everything(train_cfg.seed)  # the adapter's initial weights depend only on the seed
+    peft_config = make_peft_config(run, options, planned_steps(train_cfg, len(features["train"])))
+    peft_model = get_peft_model(model, peft_config)
+    teacher = load_teacher(run, labels)
+    trainer = Trainer(
+        peft_model, task, features["train"], features.get("validation"), train_cfg, teacher=teacher
+    )
+    summary = trainer.train()
+    results = dict(summary["final"])
+    if features.get("test"):
+        results.update(trainer.evaluate(features["test"], prefix="test"))
+    if trainer.is_main:
+        save_run(trainer.unwrapped, raw, run, train_cfg, results)
+    return {"metrics": results, "summary": summary}
+
+
+def save_run(
+    peft_model, raw: dict[str, Any], run: RunConfig, train_cfg: TrainConfig, results: dict[str, Any]
+) -> None:
+    """The adapter (peft format), the resolved recipe (labels included) and metrics.json, side by side."""
+    out = train_cfg.output_dir
+    peft_model.save_pretrained(out)
+    resolved = {**raw, **{k: v for k, v in dataclasses.asdict(run).items() if v is not None}}
+    with open(os.path.join(out, RUN_CONFIG), "w") as fh:
+        yaml.safe_dump(resolved, fh, sort_keys=False)
+    with open(os.path.join(out, "metrics.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+
+
+def load_run(adapter_dir: str):
+    """(peft model, task, run config) from a folder `deltatune train` wrote."""
+    from deltatune.model import PeftModel
+
+    path = os.path.join(adapter_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        raise RecipeError(
+            f"{adapter_dir} has no {RUN_CONFIG}; point at an output_dir written by `deltatune train`."
+        )
+    with open(path) as fh:
+        raw = yaml.safe_load(fh)
+    run, _, _ = split_recipe(raw)
+    labels = LabelMap(run.labels) if run.labels else None
+    base, tokenizer = load_base(run, labels)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    return model, build_task(run, tokenizer, labels), run

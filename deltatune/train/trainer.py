@@ -1,0 +1,632 @@
+"""A plain PyTorch training loop, written to be read top to bottom.
+
+    trainer = Trainer(model, task, train_features, eval_features, TrainConfig(output_dir="out", epochs=3))
+    summary = trainer.train()
+
+What it does beyond `loss.backward(); optimizer.step()`:
+- schedules (with warmup) and the loss-adaptive rule, gradient clipping and accumulation, autocast, gradient
+  checkpointing, optional distillation from a teacher;
+- evaluation every N steps, early stopping on a metric, the best weights kept and restored at the end;
+- one checkpoint file, written atomically (temp file + os.replace), holding the trainable weights, optimizer,
+  schedule, every RNG state and the position in the data, so a run killed at any moment resumes and produces
+  the same loss curve as a run that was never stopped;
+- data-parallel training under torchrun with DistributedDataParallel: each rank takes its share of the same global
+  batch, so N processes compute what one process would with the whole batch;
+- a progress bar, a JSONL log of every metric, TensorBoard events, a PNG of the curves and a summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deltatune.train.data import epoch_batches
+from deltatune.train.distill import distillation_loss
+from deltatune.train.schedules import Schedule, make_optimizer
+from deltatune.train.tasks import Task, to_device
+
+CHECKPOINT = "checkpoint-last.pt"
+BEST = "checkpoint-best.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that shapes a run. Steps are optimizer steps (one step = `grad_accum` micro-batches)."""
+
+    output_dir: str = "runs/deltatune"
+    epochs: float = 1
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 8  # per process
+    eval_batch_size: int = 0  # 0: 2 * batch_size
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr: float = 0.0
+    max_lr: float | None = None  # upper bound for the loss-adaptive rule (default: lr)
+    gamma: float = 0.99  # exponential decay per step
+    max_grad_norm: float = 1.0  # 0 switches clipping off
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on CUDA only)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    group_by_length: bool = False
+    eval_every: int = 0  # steps; 0: at the end of each epoch
+    save_every: int = 0  # steps between checkpoints; 0: at each evaluation
+    log_every: int = 1
+    metric: str | None = None  # metric for early stopping / best checkpoint (default: the task's)
+    greater_is_better: bool | None = None
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
+    load_best_at_end: bool = True
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5
+    resume: bool = False
+    keep_checkpoint: bool = True  # False: delete checkpoint-last.pt once the run has finished
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+    device: str = "auto"
+    num_threads: int = 0  # CPU threads for torch; 0 keeps torch's default. 1 is far faster on a busy machine.
+
+    def __post_init__(self) -> None:
+        if self.lr is None or self.lr <= 0:
+            raise ValueError(
+                f"lr must be positive, got {self.lr}; a typical LoRA learning rate is 1e-4 to 1e-3."
+            )
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("Set epochs > 0 or max_steps > 0; otherwise there is nothing to train.")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+
+
+@dataclass
+class _Position:
+    """Where the run is: what a resumed run needs besides the tensors."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_metric: float | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    elapsed: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); starts the process group under torchrun (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temp file, fsync, then rename: a crash leaves the old file or the new one, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Trains `model` on `task` with `train_features`; see the module docstring for what it adds."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        train_features: Sequence[Any],
+        eval_features: Sequence[Any] | None = None,
+        config: TrainConfig | None = None,
+        teacher: nn.Module | None = None,
+        callbacks: Sequence[Callable[[Trainer, dict[str, Any]], None]] = (),
+    ) -> None:
+        self.config = config or TrainConfig()
+        if len(train_features) == 0:
+            raise ValueError("The training set is empty; nothing to train on.")
+        self.model, self.task, self.teacher = model, task, teacher
+        self.train_features, self.eval_features = train_features, eval_features
+        self.callbacks = list(callbacks)
+        self.rank, self.world, self.local_rank = _distributed()
+        self.device = self._pick_device()
+        self.pos = _Position()
+        self.history: list[dict[str, Any]] = []
+        self.writer = None
+        self.lengths = task.lengths(train_features)
+
+    # --- setup ----------------------------------------------------------------------------------
+    def _pick_device(self) -> torch.device:
+        if self.config.device != "auto":
+            return torch.device(self.config.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return (
+            self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+        )
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+
+    def _batches_of_epoch(self, epoch: int) -> list[list[list[int]]]:
+        """This rank's optimizer steps of an epoch: each a list of micro-batches (row indices).
+
+        Global batches of batch_size * world rows are built from (seed, epoch); rank r takes rows r, r+world, ...
+        Under data parallelism the last short global batch is dropped so every rank gets an equal share."""
+        c = self.config
+        glob = epoch_batches(
+            self.lengths,
+            c.batch_size * self.world,
+            c.seed,
+            epoch,
+            group_by_length=c.group_by_length,
+            drop_last=self.world > 1,
+        )
+        local = [batch[self.rank :: self.world] for batch in glob]
+        return [local[i : i + c.grad_accum] for i in range(0, len(local), c.grad_accum)]
+
+    def _total_steps(self) -> int:
+        if self.config.max_steps > 0:
+            return self.config.max_steps
+        per_epoch = len(self._batches_of_epoch(0))
+        if per_epoch == 0:
+            raise ValueError(
+                f"The training set ({len(self.train_features)} rows) is smaller than one global batch "
+                f"({self.config.batch_size} x {self.world} processes); lower batch_size."
+            )
+        return max(1, math.ceil(self.config.epochs * per_epoch))
+
+    def _setup(self) -> None:
+        c = self.config
+        if c.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 autocast needs a CUDA device; use precision: bf16 on CPU.")
+        if c.num_threads > 0:
+            torch.set_num_threads(c.num_threads)
+        self.model.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
+        if c.gradient_checkpointing:
+            base = getattr(self.unwrapped, "get_base_model", lambda: self.unwrapped)()
+            if not hasattr(base, "gradient_checkpointing_enable"):
+                raise ValueError(f"{type(base).__name__} does not support gradient checkpointing.")
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = list(self.trainable().values())
+        if not params:
+            raise ValueError("The model has no trainable parameters; check the method's options.")
+        self.total_steps = self._total_steps()
+        warmup = c.warmup_steps or int(c.warmup_ratio * self.total_steps)
+        self.optimizer = make_optimizer(params, c.optimizer, c.lr, c.weight_decay, c.momentum)
+        self.schedule = Schedule(
+            self.optimizer, c.scheduler, self.total_steps, warmup, c.min_lr, c.gamma, c.max_lr
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if c.precision == "fp16" else None
+        if self.world > 1:
+            ids = [self.local_rank] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        os.makedirs(c.output_dir, exist_ok=True)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        state = {
+            "weights": {n: p.detach().cpu().clone() for n, p in self.trainable().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": _rng_state(),
+            "position": asdict(self.pos),
+            "config": asdict(self.config),
+        }
+        atomic_save(state, os.path.join(self.config.output_dir, CHECKPOINT))
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        params = self.trainable()
+        missing = set(params) - set(weights)
+        if missing:
+            raise ValueError(
+                f"The checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); "
+                "it was written for a different model or method."
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name].to(p.device, p.dtype))
+
+    def resume(self) -> bool:
+        """Load checkpoint-last.pt if there is one; True when the run continues from it."""
+        path = os.path.join(self.config.output_dir, CHECKPOINT)
+        if not os.path.exists(path):
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self._load_weights(state["weights"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.pos = _Position(**state["position"])
+        _set_rng_state(state["rng"])
+        self.history = [r for r in self._read_log() if r.get("step", 0) <= self.pos.global_step]
+        if self.is_main:  # drop what the killed run logged after its last checkpoint
+            self._write_log(self.history)
+        return True
+
+    # --- logging --------------------------------------------------------------------------------
+    def _read_log(self) -> list[dict[str, Any]]:
+        path = os.path.join(self.config.output_dir, LOG)
+        if not os.path.exists(path):
+            return []
+        records = []
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut short by a kill
+        return records
+
+    def _write_log(self, records: list[dict[str, Any]]) -> None:
+        path = os.path.join(self.config.output_dir, LOG)
+        with open(path + ".tmp", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(path + ".tmp", path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {"step": self.pos.global_step, **record}
+        self.history.append(record)
+        if not self.is_main:
+            return
+        with open(os.path.join(self.config.output_dir, LOG), "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, self.pos.global_step)
+
+    def _open_writer(self):
+        if not (self.config.tensorboard and self.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("tensorboard is not installed; skipping TensorBoard events.", file=sys.stderr)
+            return None
+        return SummaryWriter(os.path.join(self.config.output_dir, "tensorboard"))
+
+    # --- one optimizer step ---------------------------------------------------------------------
+    def _autocast(self):
+        p = self.config.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    def _micro_loss(self, batch: Any) -> tuple[torch.Tensor, int]:
+        with self._autocast():
+            out = self.task.loss(self.model, batch)
+            loss = out.loss
+            if self.teacher is not None:
+                if out.logits is None:
+                    raise ValueError("Distillation needs logits, but this task's loss returns none.")
+                with torch.no_grad():
+                    teacher_out = self.task.loss(self.teacher, batch)
+                loss = distillation_loss(
+                    out.logits,
+                    teacher_out.logits,
+                    out.loss,
+                    self.config.distill_temperature,
+                    self.config.distill_alpha,
+                    out.distill_labels,
+                )
+        return loss, out.tokens
+
+    def train_step(self, micro_batches: list[list[int]]) -> dict[str, float]:
+        """Forward/backward over the micro-batches of one step, then one optimizer update."""
+        self.model.train()
+        total, tokens = 0.0, 0
+        for i, rows in enumerate(micro_batches):
+            batch = to_device(self.task.collate([self.train_features[j] for j in rows]), self.device)
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
+            with sync:
+                loss, n = self._micro_loss(batch)
+                scaled = loss / len(micro_batches)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += float(loss.detach()) / len(micro_batches)
+            tokens += n
+        grad_norm = self._clip()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        # Methods that adapt while training (AdaLoRA) read the gradients here, so the hook runs before
+        # zero_grad; it gets the 0-based index of the step just taken, as in peft's update_and_allocate loop.
+        hook = getattr(self.unwrapped, "on_optimizer_step", None)
+        if callable(hook):
+            hook(self.pos.global_step)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:  # every rank logs (and the loss-adaptive rule uses) the global batch's loss
+            t = torch.tensor([total, float(tokens)], device=self.device)
+            dist.all_reduce(t)
+            total, tokens = float(t[0]) / self.world, int(t[1])
+        lr = self.schedule.get_last_lr()[0]
+        self.schedule.step(total)
+        self.pos.global_step += 1
+        return {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+    def _clip(self) -> float:
+        params = list(self.trainable().values())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, features: Sequence[Any] | None = None, prefix: str = "eval") -> dict[str, Any]:
+        """Scores on `features` (default: the eval set), computed on rank 0 and shared with every rank."""
+        features = self.eval_features if features is None else features
+        result: list[Any] = [None]
+        if self.is_main and features:
+            model = self.unwrapped
+            was_training = model.training
+            model.eval()
+            with self._autocast():
+                scores = self.task.evaluate(
+                    model, features, self.config.eval_batch_size or 2 * self.config.batch_size
+                )
+            model.train(was_training)
+            result[0] = {f"{prefix}_{k.removeprefix('eval_')}": v for k, v in scores.items()}
+        if self.world > 1:
+            dist.broadcast_object_list(result, src=0)
+        return result[0] or {}
+
+    def _metric_name(self) -> tuple[str, bool]:
+        name = self.config.metric or self.task.metric
+        better = self.config.greater_is_better
+        if better is None:
+            better = self.task.greater_is_better if name == self.task.metric else "loss" not in name
+        return (name if name.startswith("eval_") else f"eval_{name}"), better
+
+    def _after_eval(self, scores: dict[str, Any]) -> None:
+        """Keep the best weights; count evaluations without improvement for early stopping."""
+        name, greater = self._metric_name()
+        if name not in scores:
+            raise ValueError(
+                f"Metric {name!r} is not among the evaluation scores: {', '.join(sorted(scores))}."
+            )
+        value = float(scores[name])
+        best = self.pos.best_metric
+        if best is None or (value > best if greater else value < best):
+            self.pos.best_metric, self.pos.bad_evals = value, 0
+            if self.is_main:
+                weights = {n: p.detach().cpu().clone() for n, p in self.trainable().items()}
+                atomic_save(
+                    {"weights": weights, "step": self.pos.global_step, name: value},
+                    os.path.join(self.config.output_dir, BEST),
+                )
+        else:
+            self.pos.bad_evals += 1
+            patience = self.config.early_stopping_patience
+            self.pos.stopped_early = patience > 0 and self.pos.bad_evals >= patience
+
+    def _eval_and_save(self) -> None:
+        if self.eval_features:
+            scores = self.evaluate()
+            self.log({k: v for k, v in scores.items() if not isinstance(v, dict)} | {"epoch": self.pos.epoch})
+            self._after_eval(scores)
+        self.save_checkpoint()
+
+    # --- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        c = self.config
+        self._setup()
+        self.writer = self._open_writer()
+        if c.resume and self.resume():
+            if self.is_main:
+                print(f"Resuming from step {self.pos.global_step} (epoch {self.pos.epoch}).", file=sys.stderr)
+        else:
+            if self.is_main:
+                open(os.path.join(c.output_dir, LOG), "w").close()
+            seed_everything(c.seed)  # the RNG stream a resumed run restores starts here
+        progress = self._progress()
+        start, window_tokens, window_start = time.time() - self.pos.elapsed, 0, time.time()
+        while not self._done():
+            steps = self._batches_of_epoch(self.pos.epoch)
+            for micro_batches in steps[self.pos.step_in_epoch :]:
+                stats = self.train_step(micro_batches)
+                self.pos.step_in_epoch += 1
+                self.pos.elapsed = time.time() - start
+                window_tokens += stats.pop("tokens")
+                rate = window_tokens / max(1e-9, time.time() - window_start)
+                record = {
+                    **stats,
+                    "epoch": self.pos.epoch + self.pos.step_in_epoch / len(steps),
+                    "tokens_per_s": rate,
+                }
+                if c.log_every and self.pos.global_step % c.log_every == 0:
+                    self.log(record)
+                    window_tokens, window_start = 0, time.time()
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(
+                        loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", tok_s=f"{rate:.0f}"
+                    )
+                evaluate_now = c.eval_every > 0 and self.pos.global_step % c.eval_every == 0
+                if evaluate_now:
+                    self._eval_and_save()
+                elif c.save_every > 0 and self.pos.global_step % c.save_every == 0:
+                    self.save_checkpoint()
+                for callback in self.callbacks:
+                    callback(self, record)
+                if self._done():
+                    break
+            else:
+                self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
+                if c.eval_every == 0:
+                    self._eval_and_save()
+        if progress is not None:
+            progress.close()
+        return self._finish(time.time() - start)
+
+    def _done(self) -> bool:
+        c = self.config
+        if self.pos.stopped_early or self.pos.global_step >= self.total_steps:
+            return True
+        return c.max_steps <= 0 and self.pos.epoch >= math.ceil(c.epochs)
+
+    def _progress(self):
+        if not (self.config.progress and self.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.total_steps,
+            initial=self.pos.global_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    # --- the end --------------------------------------------------------------------------------
+    def _finish(self, wall_time: float) -> dict[str, Any]:
+        c = self.config
+        best_path = os.path.join(c.output_dir, BEST)
+        if c.load_best_at_end and os.path.exists(best_path):
+            self._load_weights(torch.load(best_path, map_location="cpu", weights_only=False)["weights"])
+        final = self.evaluate() if self.eval_features else {}
+        trainable = sum(p.numel() for p in self.trainable().values())
+        total = sum(p.numel() for p in self.unwrapped.parameters())
+        summary = {
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100 * trainable / max(1, total),
+            "steps": self.pos.global_step,
+            "stopped_early": self.pos.stopped_early,
+            "wall_time_s": wall_time,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "world_size": self.world,
+            "final": {k: v for k, v in final.items()},
+        }
+        if self.is_main:
+            if not c.keep_checkpoint:
+                for name in (CHECKPOINT, BEST):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(c.output_dir, name))
+            with open(os.path.join(c.output_dir, "train_summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=2)
+            if self.writer is not None:
+                self.writer.close()
+            if c.plot:
+                plot_curves(self.history, os.path.join(c.output_dir, "curves.png"))
+            if c.progress:
+                print_summary(summary)
+        return summary
+
+
+def plot_curves(history: list[dict[str, Any]], path: str) -> None:
+    """Training loss (and every numeric eval score) against the step, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    eval_keys = sorted(
+        {k for r in history for k, v in r.items() if k.startswith("eval_") and isinstance(v, float)}
+    )
+    panels = (["loss"] if train else []) + eval_keys
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, panels):
+        points = train if key == "loss" else [(r["step"], r[key]) for r in history if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if key != "loss" else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="training summary", show_header=False)
+    table.add_row(
+        "trainable / total params",
+        f"{summary['trainable_params']:,} / {summary['total_params']:,} ({summary['trainable_percent']:.3f}%)",
+    )
+    table.add_row("steps", str(summary["steps"]) + (" (stopped early)" if summary["stopped_early"] else ""))
+    table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
+    table.add_row("peak memory", f"{summary['peak_memory_mb']:.0f} MiB")
+    for key, value in summary["final"].items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4f}")
+    Console(stderr=True).print(table)
