@@ -1,7 +1,7 @@
 """deltatune: parameter-efficient fine-tuning for PyTorch, with the API and file format of the `peft` package.
 
-    import deltatune as peft
-    model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules="all-linear"))
+import deltatune as peft
+model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules="all-linear"))
 """
 
 from deltatune.config import PeftConfig, PeftType, TaskType
@@ -11,6 +11,7 @@ from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.freeze import FreezeConfig, FullConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.mam import MAMConfig
 from deltatune.methods.prefix import PrefixTuningConfig, PTuningV2Config
 from deltatune.methods.prompt import (
     PromptEncoderConfig,
@@ -19,6 +20,7 @@ from deltatune.methods.prompt import (
     PromptTuningInit,
 )
 from deltatune.methods.prompt_learning import PromptLearningConfig
+from deltatune.methods.unipelt import UniPELTConfig
 from deltatune.model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -41,6 +43,7 @@ __all__ = [
     "FullConfig",
     "IA3Config",
     "LoraConfig",
+    "MAMConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
@@ -58,6 +61,7 @@ __all__ = [
     "PromptTuningInit",
     "PTuningV2Config",
     "TaskType",
+    "UniPELTConfig",
     "get_peft_model",
     "prepare_model_for_kbit_training",
     "quantize",

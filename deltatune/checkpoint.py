@@ -103,7 +103,9 @@ def resolve_adapter_file(path: str | os.PathLike, filename: str, revision: str |
         candidate = os.path.join(path, filename)
         if not os.path.isfile(candidate):
             present = ", ".join(sorted(os.listdir(path))) or "nothing"
-            raise FileNotFoundError(f"{path} has no {filename} (it holds: {present}); is it an adapter folder?")
+            raise FileNotFoundError(
+                f"{path} has no {filename} (it holds: {present}); is it an adapter folder?"
+            )
         return candidate
     if os.path.exists(path):
         raise FileNotFoundError(f"{path} is a file; pass the adapter folder that holds {filename}.")
@@ -131,14 +133,20 @@ def load_adapter_weights(path: str | os.PathLike, revision: str | None = None) -
         try:
             return torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"Could not read {file} as plain tensors ({err}); it may be corrupt or unsafe.") from err
+            raise ValueError(
+                f"Could not read {file} as plain tensors ({err}); it may be corrupt or unsafe."
+            ) from err
     try:
         return load_file(file, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{file} is damaged or truncated ({err}); re-save or re-download the adapter.") from err
+        raise ValueError(
+            f"{file} is damaged or truncated ({err}); re-save or re-download the adapter."
+        ) from err
 
 
-def apply_adapter_weights(peft_model: nn.Module, adapter_name: str, config, state: dict[str, torch.Tensor]) -> None:
+def apply_adapter_weights(
+    peft_model: nn.Module, adapter_name: str, config, state: dict[str, torch.Tensor]
+) -> None:
     """Copy checkpoint tensors into the adapter's parameters, after checking every key and shape first.
     Base-model tensors in the file (peft saves a targeted embedding's base weight) are accepted too."""
     from deltatune.methods import method_for
@@ -157,7 +165,9 @@ def apply_adapter_weights(peft_model: nn.Module, adapter_name: str, config, stat
         if extra:
             lines.append(f"{len(extra)} tensors in the file match nothing in the model, e.g. {extra[:3]}")
         raise ValueError(
-            "The adapter does not fit this model: " + "; ".join(lines) + ". Was it trained for another base model?"
+            "The adapter does not fit this model: "
+            + "; ".join(lines)
+            + ". Was it trained for another base model?"
         )
     targets = {**{k: base_params[k] for k in state if k not in entries}, **entries}
     for key, tensor in state.items():

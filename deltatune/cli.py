@@ -5,6 +5,7 @@
     deltatune predict runs/sst2 [--file rows.jsonl]     (or lines on stdin)
     deltatune merge runs/sst2 merged/
     deltatune inspect runs/sst2 | MODEL
+    deltatune bench [--quick] [--model M] [--methods lora,ia3]
 
 Mistakes in the input (a missing file or column, an unknown key or method, a bad value) print one line that says
 what is wrong and how to fix it, and exit with status 2. Set DELTATUNE_DEBUG=1 to see the traceback instead.
@@ -174,6 +175,69 @@ def inspect(
                 else ", ".join(map(str, value[:12])) + f", ... ({len(value)})"
             )
         typer.echo(f"{key}: {value}")
+
+
+@app.command()
+@guarded
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="A tiny subset and a few steps: finishes in minutes."),
+    model: str = typer.Option(None, help="Model to benchmark (default: all-minilm-l6-v2)."),
+    data_dir: str = typer.Option(None, help="Folder with train.tsv and dev.tsv (default: ../shared/data/sst2)."),
+    steps: int = typer.Option(None, help="Optimizer steps per method (default: 150; 8 with --quick)."),
+    methods: str = typer.Option(None, help="Comma-separated subset of methods (default: all)."),
+    out: str = typer.Option("bench/results", help="Folder for bench.json, bench.md and bench.png."),
+    isolate: bool = typer.Option(True, help="Run each method in its own process (its own peak memory)."),
+):
+    """Train every method on the same data, steps and seed; write a JSON + markdown table and a plot."""
+    from deltatune.bench import BenchSettings, run_bench
+
+    given = {"model": model, "data_dir": data_dir, "steps": steps}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    settings = BenchSettings.quick(**overrides) if quick else BenchSettings(**overrides)
+    chosen = [m.strip() for m in methods.split(",")] if methods else None
+    run_bench(settings, out, chosen, isolate=isolate, log=typer.echo)
+    typer.echo(f"results written to {os.path.abspath(out)}")
+
+
+@app.command()
+@guarded
+def serve(
+    model: str = typer.Option(..., "--model", help="Base model: folder, hub name, .gguf or packaged alias."),
+    adapter: list[str] | None = typer.Option(  # noqa: B008 - a list option (typer reads its default here)
+        None, "--adapter", help="NAME=DIR, repeatable (trusted: any folder)."
+    ),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    task: str = typer.Option("seq-cls", help="seq-cls (POST /v1/classify) or causal-lm (POST /v1/generate)."),
+    admin_token: str = typer.Option(
+        None, envvar="DELTATUNE_ADMIN_TOKEN", help="Bearer token for load/unload (unset: admin off)."
+    ),
+    adapter_root: str = typer.Option(".", help="Adapters loaded through the API must lie under this folder."),
+    max_batch_size: int = typer.Option(32, help="Rows per forward pass, and texts per request."),
+    batch_window_ms: float = typer.Option(5.0, help="How long to gather requests into one batch."),
+    max_input_tokens: int = typer.Option(512),
+    max_new_tokens: int = typer.Option(256),
+):
+    """Serve many adapters over one shared base model over HTTP (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from deltatune.serve.app import ServeSettings, build_engine, create_app
+
+    adapters = {}
+    for spec in adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            fail(f"--adapter {spec!r} must look like NAME=DIR.")
+        adapters[name] = path
+    settings = ServeSettings(
+        admin_token=admin_token,
+        adapter_root=adapter_root,
+        max_batch_size=max_batch_size,
+        batch_window_ms=batch_window_ms,
+        max_input_tokens=max_input_tokens,
+        max_new_tokens=max_new_tokens,
+    )
+    uvicorn.run(create_app(build_engine(model, adapters, task), settings), host=host, port=port)
 
 
 def main() -> None:

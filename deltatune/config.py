@@ -46,7 +46,13 @@ class PeftType(str, enum.Enum):
 
 # Keys that peft writes and that change nothing when left at these values. Any other unknown key with a
 # non-empty value means the adapter uses a feature deltatune lacks, and loading it would be silently wrong.
-_INERT_FOREIGN_KEYS = {"peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "ensure_weight_tying"}
+_INERT_FOREIGN_KEYS = {
+    "peft_version",
+    "auto_mapping",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
+}
 
 
 def _is_empty(value: Any) -> bool:
@@ -119,7 +125,9 @@ class PeftConfig:
             with open(config_file) as fh:
                 data = json.load(fh)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file} is not valid JSON ({err}); the adapter folder is damaged.") from err
+            raise ValueError(
+                f"{config_file} is not valid JSON ({err}); the adapter folder is damaged."
+            ) from err
         if not isinstance(data, dict) or "peft_type" not in data:
             raise ValueError(f"{config_file} has no 'peft_type'; it is not an adapter config.")
         return cls.from_dict(data)

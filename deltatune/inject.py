@@ -131,7 +131,11 @@ def no_match_message(model: nn.Module, targets) -> str:
     names = [n for n, _ in model.named_modules() if n]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     asked = [targets] if isinstance(targets, str) else list(targets)
-    hints = list(dict.fromkeys(m for t in asked for m in difflib.get_close_matches(str(t).rsplit(".", 1)[-1], leaves, n=5)))
+    hints = list(
+        dict.fromkeys(
+            m for t in asked for m in difflib.get_close_matches(str(t).rsplit(".", 1)[-1], leaves, n=5)
+        )
+    )
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
     msg = f"target_modules={targets!r} matched no module of {type(model).__name__}."
     if hints:

@@ -98,13 +98,17 @@ class AdapterLayer(nn.Module):
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
         if not self.mergeable:
-            raise TypeError(f"{type(self).__name__} adapters change activations, not weights, and cannot be merged.")
+            raise TypeError(
+                f"{type(self).__name__} adapters change activations, not weights, and cannot be merged."
+            )
         for name in names if names is not None else self.active_adapters:
             if name in self.merged_adapters or name not in self.adapter_names:
                 continue
             new = self.merged_weight(name, self.base_weight().clone())
             if safe_merge and not torch.isfinite(new).all():
-                raise ValueError(f"Merging adapter {name!r} would put NaN/inf into the weights; nothing was merged.")
+                raise ValueError(
+                    f"Merging adapter {name!r} would put NaN/inf into the weights; nothing was merged."
+                )
             if is_quantized(self.base_layer):  # merging dequantizes the layer; see deltatune/quant.py
                 self.base_layer = dequantize_for_merge(self.base_layer)
             self._write_weight(new)
@@ -152,8 +156,33 @@ class ModulesToSave(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
+    # Mixed-adapter batches (serving): row i uses adapter row_adapters[i]'s copy (None: the original).
+    row_adapters: list[str | None] | None = None
+
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        if self.row_adapters is None:
+            return self.current()(*args, **kwargs)
+        return self._forward_rows(args[0], *args[1:], **kwargs)
+
+    def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Run each group of rows through its adapter's copy and put the rows back in order."""
+        if len(self.row_adapters) != x.shape[0]:
+            raise ValueError(
+                f"row_adapters names {len(self.row_adapters)} rows but the batch has {x.shape[0]}."
+            )
+        groups: dict[str | None, list[int]] = {}
+        for i, name in enumerate(self.row_adapters):
+            key = name if (name in self.modules_to_save and not self.disabled) else None
+            groups.setdefault(key, []).append(i)
+        result = None
+        for name, rows in groups.items():
+            module = self.original_module if name is None else self.modules_to_save[name]
+            index = torch.tensor(rows, dtype=torch.long, device=x.device)
+            out = module(x[index], *args, **kwargs)
+            if result is None:
+                result = out.new_zeros((x.shape[0],) + out.shape[1:])
+            result = result.index_copy(0, index, out)
+        return result
 
     def __getattr__(self, name: str):
         # Let code that reads e.g. `model.classifier.weight` or `.out_features` keep working.

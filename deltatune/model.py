@@ -21,13 +21,19 @@ from deltatune.layer import AdapterLayer, ModulesToSave
 from deltatune.methods import method_for
 
 # Task heads that are trained in full beside the adapter unless the user says otherwise (as in peft).
-TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+TASK_HEADS = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
 
 
 class PeftModel(nn.Module):
     """A model with one or more adapters. Calls and unknown attributes go to the base model."""
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> None:
+    def __init__(
+        self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any
+    ) -> None:
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
@@ -88,7 +94,9 @@ class PeftModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **_: Any) -> None:
         """Add an adapter (not active until `set_adapter`). On any error the model is left as it was."""
         if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name or delete it first.")
+            raise ValueError(
+                f"An adapter named {adapter_name!r} already exists; pick another name or delete it first."
+            )
         if self.peft_config:
             existing = next(iter(self.peft_config.values())).peft_type
             if existing != peft_config.peft_type:
@@ -115,7 +123,9 @@ class PeftModel(nn.Module):
             base_config = getattr(self.base_model, "config", None)
             config.base_model_name_or_path = getattr(base_config, "_name_or_path", None) or None
         if hasattr(config, "modules_to_save") and config.task_type in TASK_HEADS:
-            config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + TASK_HEADS[config.task_type]))
+            config.modules_to_save = list(
+                dict.fromkeys((config.modules_to_save or []) + TASK_HEADS[config.task_type])
+            )
         targets = getattr(config, "target_modules", None)
         if isinstance(targets, (list, tuple)) and any(isinstance(t, type) for t in targets):
             # Types are a deltatune convenience; store the names they select so the JSON stays portable.
@@ -126,7 +136,7 @@ class PeftModel(nn.Module):
         if not wanted:
             return
         found = False
-        for key, module in list(candidate_modules(self.base_model)):
+        for key, _module in list(candidate_modules(self.base_model)):
             if not any(key == w or key.endswith("." + w) for w in wanted):
                 continue
             wrapper = self.base_model.get_submodule(key)
@@ -139,13 +149,17 @@ class PeftModel(nn.Module):
             found = True
         task_defaults = TASK_HEADS.get(config.task_type, [])
         if not found and any(w not in task_defaults for w in wanted):
-            raise ValueError(f"modules_to_save={wanted} matched no module of {type(self.base_model).__name__}.")
+            raise ValueError(
+                f"modules_to_save={wanted} matched no module of {type(self.base_model).__name__}."
+            )
 
     def _remove_adapter_everywhere(self, adapter_name: str, method=None) -> None:
         for layer in self.adapter_layers():
             layer.delete(adapter_name)
         method = method or (self.method if self.peft_config else None)
-        if method is not None and hasattr(method, "remove"):  # parts living outside base_model (prompt encoders)
+        if method is not None and hasattr(
+            method, "remove"
+        ):  # parts living outside base_model (prompt encoders)
             method.remove(self, adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -153,7 +167,9 @@ class PeftModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(f"No adapter named {unknown[0]!r}; this model has: {', '.join(self.peft_config)}.")
+            raise ValueError(
+                f"No adapter named {unknown[0]!r}; this model has: {', '.join(self.peft_config)}."
+            )
         if any(isinstance(m, AdapterLayer) and m.merged for m in self.base_model.modules()):
             warnings.warn("Adapters are merged into the weights; unmerging before switching.", stacklevel=2)
             self.unmerge_adapter()
@@ -178,7 +194,9 @@ class PeftModel(nn.Module):
     def disable_adapter(self):
         """Run the plain base model inside the block (merged adapters are unmerged first)."""
         if any(isinstance(m, AdapterLayer) and m.merged for m in self.base_model.modules()):
-            raise ValueError("Adapters are merged into the weights; call unmerge_adapter() before disabling them.")
+            raise ValueError(
+                "Adapters are merged into the weights; call unmerge_adapter() before disabling them."
+            )
         layers = self.adapter_layers()
         for layer in layers:
             layer.disabled = True
@@ -192,7 +210,9 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"No adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}.")
+            raise ValueError(
+                f"No adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}."
+            )
         if len(self.peft_config) == 1:
             raise ValueError("Cannot delete the only adapter; use unload() to get the base model back.")
         self._remove_adapter_everywhere(adapter_name)
@@ -209,7 +229,7 @@ class PeftModel(nn.Module):
         """Fold the adapters into the base weights (inference gets the base model's speed). All or nothing."""
         if not getattr(self.method, "MERGEABLE", True):
             raise ValueError(
-                f"{self.active_peft_config.peft_type} adapters change the model's inputs, not its weights, so they "
+                f"{self.active_peft_config.peft_type} adapters change the model's inputs or activations, not its weights, so they "
                 "cannot be merged; keep the PeftModel (or use unload() to get the plain base model back)."
             )
         names = adapter_names if adapter_names is not None else self._active
@@ -260,7 +280,9 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def parameter_report(self) -> dict[str, Any]:
         """Trainable and total parameter counts, and what each adapter takes on disk."""
@@ -286,7 +308,9 @@ class PeftModel(nn.Module):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder.")
         for name in selected_adapters or list(self.peft_config):
             if name not in self.peft_config:
-                raise ValueError(f"No adapter named {name!r} to save; this model has: {', '.join(self.peft_config)}.")
+                raise ValueError(
+                    f"No adapter named {name!r} to save; this model has: {', '.join(self.peft_config)}."
+                )
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             config = copy.copy(self.peft_config[name])
             config.inference_mode = True
@@ -312,7 +336,9 @@ class PeftModel(nn.Module):
             cls = TASK_MODELS.get(config.task_type, PeftModel)
         peft_model = cls(model, config, adapter_name)
         try:
-            checkpoint.apply_adapter_weights(peft_model, adapter_name, peft_model.peft_config[adapter_name], state)
+            checkpoint.apply_adapter_weights(
+                peft_model, adapter_name, peft_model.peft_config[adapter_name], state
+            )
         except Exception:
             peft_model.unload()
             raise
@@ -379,6 +405,8 @@ def get_peft_model(
     if isinstance(model, PeftModel):
         raise TypeError("This model already has adapters; use model.add_adapter(name, config) instead.")
     if not isinstance(peft_config, PeftConfig):
-        raise TypeError(f"peft_config must be a deltatune config (e.g. LoraConfig), got {type(peft_config).__name__}.")
+        raise TypeError(
+            f"peft_config must be a deltatune config (e.g. LoraConfig), got {type(peft_config).__name__}."
+        )
     cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name, **kwargs)

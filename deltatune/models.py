@@ -82,7 +82,10 @@ def load_model_and_tokenizer(
         if processor.pad_token is None:
             processor.pad_token = processor.eos_token
     model = auto.from_pretrained(path, **kwargs, **model_kwargs)
-    if getattr(model.config, "pad_token_id", None) is None and getattr(processor, "pad_token_id", None) is not None:
+    if (
+        getattr(model.config, "pad_token_id", None) is None
+        and getattr(processor, "pad_token_id", None) is not None
+    ):
         model.config.pad_token_id = processor.pad_token_id
     if quantize_after:
         from deltatune.quant import quantize

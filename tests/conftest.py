@@ -102,7 +102,7 @@ def randomize_adapter(model, seed: int = 3, scale: float = 0.2):
     """Give every trainable tensor random values, so that a test compares outputs a real adapter changes."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
 

@@ -36,13 +36,17 @@ REGISTRY: dict[str, str] = {
     "PROMPT_TUNING": "deltatune.methods.prompt",
     "P_TUNING": "deltatune.methods.prompt",
     "PREFIX_TUNING": "deltatune.methods.prefix",
+    "MAM": "deltatune.methods.mam",
+    "UNIPELT": "deltatune.methods.unipelt",
 }
 
 
 def method_for(peft_type: str | None) -> ModuleType:
     key = getattr(peft_type, "value", peft_type)
     if key not in REGISTRY:
-        raise ValueError(f"Unknown peft_type {peft_type!r}; deltatune supports: {', '.join(sorted(REGISTRY))}.")
+        raise ValueError(
+            f"Unknown peft_type {peft_type!r}; deltatune supports: {', '.join(sorted(REGISTRY))}."
+        )
     return importlib.import_module(REGISTRY[key])
 
 

@@ -235,8 +235,15 @@ def _check_same_kind(model: nn.Module, parallel: bool) -> None:
             )
 
 
-def inject(peft_model: nn.Module, config: BottleneckConfig, adapter_name: str) -> None:
-    """Add adapter `adapter_name` at every placement, wrapping each module on first use (all or nothing)."""
+def inject(
+    peft_model: nn.Module,
+    config: BottleneckConfig,
+    adapter_name: str,
+    layer_cls: type[BottleneckLayer] | None = None,
+) -> None:
+    """Add adapter `adapter_name` at every placement, wrapping each module on first use (all or nothing).
+    `layer_cls` lets a composed method (UniPELT's gated adapter) use a BottleneckLayer subclass."""
+    layer_cls = layer_cls or BottleneckLayer
     model = peft_model.base_model
     parallel = config.variant == "parallel"
     _check_same_kind(model, parallel)
@@ -250,7 +257,7 @@ def inject(peft_model: nn.Module, config: BottleneckConfig, adapter_name: str) -
     for key in keys:
         module = model.get_submodule(key)
         if not isinstance(module, BottleneckLayer):
-            module = BottleneckLayer(module, parallel)
+            module = layer_cls(module, parallel)
         module.add(adapter_name, config)
         wrappers.append((key, module))
     for key, module in wrappers:

@@ -49,11 +49,15 @@ class LoraConfig(TargetedConfig):
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.init_lora_weights not in INIT_CHOICES:
-            raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {self.init_lora_weights!r}.")
+            raise ValueError(
+                f"init_lora_weights must be one of {INIT_CHOICES}, got {self.init_lora_weights!r}."
+            )
 
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """Per-module rank and alpha from rank_pattern/alpha_pattern (peft's rule: the pattern ends the name)."""
-        return _pattern_value(self.rank_pattern, key, self.r), _pattern_value(self.alpha_pattern, key, self.lora_alpha)
+        return _pattern_value(self.rank_pattern, key, self.r), _pattern_value(
+            self.alpha_pattern, key, self.lora_alpha
+        )
 
 
 def _pattern_value(patterns: dict, key: str, default):
@@ -90,7 +94,9 @@ class LoraLayer(AdapterLayer):
         if name in self.adapter_names:
             raise ValueError(f"Adapter {name!r} already exists on this layer.")
         if config.use_dora and not self.supports_dora:
-            raise TypeError(f"DoRA is supported on Linear and GPT-2 Conv1D layers, not {type(self.base_layer).__name__}.")
+            raise TypeError(
+                f"DoRA is supported on Linear and GPT-2 Conv1D layers, not {type(self.base_layer).__name__}."
+            )
         self.r[name] = r
         self.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
         self.dropout[name] = config.lora_dropout
@@ -130,11 +136,35 @@ class LoraLayer(AdapterLayer):
         p = self.dropout[name]
         return F.dropout(x, p, training=True) if (p > 0 and self.training) else x
 
+    # Mixed-adapter batches (serving): when set, row i of the batch runs adapter row_adapters[i] (None: the base
+    # alone), so requests for different adapters share one forward pass of the base. Active adapters are ignored.
+    row_adapters: list[str | None] | None = None
+
+    def row_groups(self, batch: int) -> list[tuple[str, torch.Tensor]]:
+        """(adapter, row indices) for each adapter named in `row_adapters` that this layer holds."""
+        if len(self.row_adapters) != batch:
+            raise ValueError(f"row_adapters names {len(self.row_adapters)} rows but the batch has {batch}.")
+        if self.disabled or self.merged:
+            return []
+        held = self.adapter_names
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(self.row_adapters):
+            if name is not None and name in held:
+                groups.setdefault(name, []).append(i)
+        return [(n, torch.tensor(rows, dtype=torch.long)) for n, rows in groups.items()]
+
+    def _lora_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B[name](self.lora_A[name](self._input(name, x))) * self.scaling[name]
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            for name, rows in self.row_groups(x.shape[0]):
+                rows = rows.to(x.device)
+                result = result.index_add(0, rows, self._lora_update(name, x[rows]).to(result.dtype))
+            return result
         for name in self.running_adapters():
-            update = self.lora_B[name](self.lora_A[name](self._input(name, x))) * self.scaling[name]
-            result = result + update.to(result.dtype)
+            result = result + self._lora_update(name, x).to(result.dtype)
         return result
 
 
@@ -160,7 +190,9 @@ class LoraLinear(LoraLayer):
         so the model's output is unchanged at step 0."""
         weight = self.base_weight()
         if not weight.is_floating_point():
-            raise TypeError(f"init_lora_weights={init!r} needs a float base weight; quantize after initializing.")
+            raise TypeError(
+                f"init_lora_weights={init!r} needs a float base weight; quantize after initializing."
+            )
         w = weight.float()
         r, s = self.r[name], self.scaling[name]
         if init == "pissa":
@@ -193,8 +225,12 @@ class LoraLinear(LoraLayer):
         return (weight.float() / ratio[:, None] - self.delta_weight(name).float()).to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None and any(n in self.lora_magnitude_vector for n in self.row_adapters):
+            raise TypeError(
+                "Mixed-adapter batches (row_adapters) do not support DoRA adapters; serve them alone."
+            )
         running = self.running_adapters()
-        if not any(n in self.lora_magnitude_vector for n in running):
+        if self.row_adapters is not None or not any(n in self.lora_magnitude_vector for n in running):
             return super().forward(x, *args, **kwargs)
         base_out = self.base_layer(x, *args, **kwargs)
         result = base_out
@@ -240,16 +276,13 @@ class LoraEmbedding(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+    def _lora_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        for name in self.running_adapters():
-            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            looked_up = F.embedding(
-                x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-            )
-            result = result + (looked_up @ b.T * self.scaling[name]).to(result.dtype)
-        return result
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        looked_up = F.embedding(
+            x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+        return looked_up @ b.T * self.scaling[name]
 
 
 class LoraConv(LoraLayer):
@@ -261,7 +294,9 @@ class LoraConv(LoraLayer):
             raise TypeError("LoRA on grouped or dilated convolutions is not supported; exclude this module.")
         conv = type(base)
         kwargs = self._factor_kwargs()
-        self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False, **kwargs)
+        self.lora_A[name] = conv(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False, **kwargs
+        )
         self.lora_B[name] = conv(r, base.out_channels, 1, 1, bias=False, **kwargs)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -284,15 +319,18 @@ def layer_class_for(module: nn.Module) -> type[LoraLayer]:
     )
 
 
-def inject(peft_model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
-    """Add adapter `adapter_name` to every targeted module, wrapping it on first use."""
+def inject(
+    peft_model: nn.Module, config: LoraConfig, adapter_name: str, layer_cls: type[LoraLayer] | None = None
+) -> None:
+    """Add adapter `adapter_name` to every targeted module, wrapping it on first use. `layer_cls` lets a composed
+    method (UniPELT's gated LoRA) use a LoraLayer subclass."""
     model = peft_model.base_model
     keys = find_targets(model, config)
     wrappers = []
     for key in keys:
         module = model.get_submodule(key)
         if not isinstance(module, LoraLayer):
-            module = layer_class_for(module)(module)
+            module = (layer_cls or layer_class_for(module))(module)
         r, alpha = config.rank_and_alpha(key)
         module.add(adapter_name, r, alpha, config)
         wrappers.append((key, module))

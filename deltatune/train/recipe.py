@@ -57,9 +57,14 @@ METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "p_tuning": ("P_TUNING", {}),
     "prefix": ("PREFIX_TUNING", {}),
     "prefix_tuning": ("PREFIX_TUNING", {}),
+    "ptuning_v2": ("PREFIX_TUNING", {}),  # with PTuningV2Config: see ALIAS_CONFIGS
+    "p_tuning_v2": ("PREFIX_TUNING", {}),
     "mam": ("MAM", {}),
     "unipelt": ("UNIPELT", {}),
 }
+
+# recipe names whose config class is not their peft_type's own (P-tuning v2 is saved as PREFIX_TUNING)
+ALIAS_CONFIGS = {"ptuning_v2": "PTuningV2Config", "p_tuning_v2": "PTuningV2Config"}
 
 TASK_TYPES = {
     "seq-cls": "SEQ_CLS",
@@ -184,6 +189,10 @@ def method_info(name: str) -> tuple[str, dict[str, Any], type]:
         raise RecipeError(
             f"Unknown method {name!r}.{_closest(key, set(available))} Available: {', '.join(available)}."
         )
+    if key in ALIAS_CONFIGS:
+        import deltatune
+
+        return peft_type, implied, getattr(deltatune, ALIAS_CONFIGS[key])
     return peft_type, implied, config_class_for(peft_type)
 
 

@@ -1,0 +1,108 @@
+"""MAM adapter (He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer Learning"): prefix tuning on
+the attention plus a scaled parallel adapter beside the FFN ("Mix-And-Match"; the paper's best setting is 30 prefix
+tokens and a parallel adapter with scaling 4).
+
+Nothing is reimplemented here: the prefixes are `deltatune.methods.prefix` (keys and values pre-filled in the KV
+cache, the reparameterisation MLP while training), the adapter is `deltatune.methods.adapters`' parallel
+`BottleneckLayer`. This module only composes them; `deltatune.methods.unipelt` composes the same way.
+
+peft has no MAM adapter, so the on-disk format is deltatune's own: `adapter_config.json` with `peft_type` "MAM",
+and in `adapter_model.safetensors` the prefixes under `prompt_embeddings` (as prefix tuning stores them) beside the
+adapter tensors under `base_model.model.<module>.adapter_{down,up}.{weight,bias}`. Prefixes change the attention
+inputs and adapters change activations, so a MAM adapter cannot be merged into the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deltatune import checkpoint
+from deltatune.methods import adapters, prefix
+from deltatune.methods import prompt_learning as pl
+from deltatune.methods.adapters import BottleneckConfig, BottleneckLayer
+from deltatune.methods.prefix import PrefixTuningConfig
+from deltatune.methods.prompt_learning import check_loadable, remove  # noqa: F401  (method hooks)
+
+MERGEABLE = False  # read by PeftModel.merge_adapter
+forward = prefix.forward  # method hooks: the prefixes go into the KV cache, adapters run inside the modules
+generate = prefix.generate
+
+
+@dataclass
+class MAMConfig(PrefixTuningConfig):
+    """MAM adapter options (`peft_type` "MAM", deltatune's own format).
+
+    The prefix-tuning fields are `PrefixTuningConfig`'s (`num_virtual_tokens`, `prefix_projection`, ...). The
+    parallel adapter reads the FFN's input and adds `scaling * up(act(down(x)))` to its output, with
+    `features // reduction_factor` hidden units. `target_modules` names the FFN blocks; None finds them by module
+    name (BERT, DistilBERT, Llama-style, GPT-2).
+    """
+
+    num_virtual_tokens: int | None = 30
+    target_modules: list[str] | str | None = None
+    reduction_factor: float = 2
+    scaling: float = 4.0
+    non_linearity: str = "relu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = "MAM"
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        self.adapter_config()  # validate the adapter options now, not when the model is wrapped
+
+    def adapter_config(self, variant: str = "parallel") -> BottleneckConfig:
+        """The adapter half of this config, as the bottleneck method takes it."""
+        return BottleneckConfig(
+            task_type=self.task_type,
+            target_modules=self.target_modules,
+            modules_to_save=self.modules_to_save,
+            variant=variant,
+            reduction_factor=self.reduction_factor,
+            non_linearity=self.non_linearity,
+            scaling=self.scaling,
+        )
+
+
+def inject_prefix_and_adapter(
+    peft_model: nn.Module,
+    config: PrefixTuningConfig,
+    adapter_name: str,
+    adapter_config: BottleneckConfig,
+    layer_cls: type[BottleneckLayer] = BottleneckLayer,
+) -> None:
+    """Add the prefixes, then the adapters (as `layer_cls` layers). Used by MAM and UniPELT."""
+    prefix.inject(peft_model, config, adapter_name)
+    adapters.inject(peft_model, adapter_config, adapter_name, layer_cls=layer_cls)
+
+
+def inject(peft_model: nn.Module, config: MAMConfig, adapter_name: str) -> None:
+    """Method hook: prefixes on every attention layer and a parallel adapter beside every FFN. The resolved
+    placement is written back into the config, so the saved file says exactly where the adapters went."""
+    adapter_config = config.adapter_config()
+    inject_prefix_and_adapter(peft_model, config, adapter_name, adapter_config)
+    config.target_modules = adapter_config.target_modules
+
+
+def state_dict(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig) -> dict[str, torch.Tensor]:
+    """Method hook: the prefix entries (`prompt_embeddings`, or the reparameterisation MLP while training) plus
+    every module-wrapper tensor of the adapter (adapters, gates, LoRA factors, trained heads)."""
+    prompt = {
+        k: v for k, v in pl.state_dict(peft_model, adapter_name, config).items() if not k.startswith(pl.HEAD_PREFIX)
+    }
+    # A BOTTLENECK config selects checkpoint's default collection: every AdapterLayer and head of this adapter.
+    layers = checkpoint.adapter_entries(peft_model, adapter_name, BottleneckConfig())
+    return {**prompt, **layers}
+
+
+def tensors_to_save(
+    peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig, entries: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Method hook: the file holds the prefixes themselves, never the reparameterisation MLP."""
+    return pl.tensors_to_save(peft_model, adapter_name, config, entries)
+
+
+CONFIG = MAMConfig

@@ -1,0 +1,361 @@
+"""`deltatune serve`: the real server on 127.0.0.1, driven over HTTP, checked against offline prediction."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from train_helpers import sentiment_rows, tiny_bert_folder, tiny_llama_folder
+
+from deltatune import IA3Config, LoraConfig, PeftModel, get_peft_model
+from deltatune.serve import Engine, ServeSettings, create_app, row_adapters
+
+TOKEN = "s3cret"
+CLS_ADAPTERS = ["a0", "a1", "a2", "a3"]
+ATOL = 1e-5
+
+
+def _randomize(model, seed: int, scale: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _save_cls_adapter(base_dir: str, out: str, seed: int, method: str = "lora") -> str:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir)
+    if method == "lora":
+        config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    else:
+        config = IA3Config(task_type="SEQ_CLS", target_modules=["key", "value"], feedforward_modules=[])
+    peft_model = get_peft_model(model, config)
+    _randomize(peft_model, seed, 0.3)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def _serve(app):
+    """Start uvicorn on a free 127.0.0.1 port in a thread; returns (url, server, thread)."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    base = tiny_bert_folder(str(root / "base"))
+    adapters = root / "adapters"
+    for i, name in enumerate(CLS_ADAPTERS + ["extra"]):
+        _save_cls_adapter(base, str(adapters / name), seed=10 + i)
+    _save_cls_adapter(base, str(adapters / "ia3"), seed=7, method="ia3")
+    outside = _save_cls_adapter(base, str(root / "outside"), seed=20)
+    os.symlink(outside, adapters / "escape")
+    (adapters / "empty").mkdir()
+    return {"root": root, "base": base, "adapters": adapters}
+
+
+@pytest.fixture(scope="module")
+def cls_server(folders):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = AutoModelForSequenceClassification.from_pretrained(folders["base"])
+    engine = Engine(base, AutoTokenizer.from_pretrained(folders["base"]), "seq-cls")
+    for name in CLS_ADAPTERS:
+        engine.load(name, str(folders["adapters"] / name))
+    settings = ServeSettings(
+        admin_token=TOKEN, adapter_root=str(folders["adapters"]), max_batch_size=16, max_input_tokens=20
+    )
+    url, server, thread = _serve(create_app(engine, settings))
+    yield url
+    server.should_exit = True
+    thread.join(10)
+
+
+def _offline(folders, names, texts):
+    """{adapter: [softmax scores per text]} from a fresh PeftModel, one text at a time, via set_adapter."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folders["base"])
+    plain = AutoModelForSequenceClassification.from_pretrained(folders["base"]).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(folders["base"])
+    model = PeftModel.from_pretrained(model, str(folders["adapters"] / names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(folders["adapters"] / name), name)
+    out = {}
+    with torch.no_grad():
+        for name in [None] + list(names):
+            if name is not None:
+                model.set_adapter(name)
+            net = plain if name is None else model
+            out[name] = [net(**tok(t, return_tensors="pt")).logits.softmax(-1)[0].tolist() for t in texts]
+    return out
+
+
+def _scores(result):
+    return [result["scores"][k] for k in ("LABEL_0", "LABEL_1")]
+
+
+def test_health_adapters_and_openapi(cls_server):
+    with httpx.Client(base_url=cls_server) as client:
+        health = client.get("/health").json()
+        assert health == {"status": "ok", "task": "seq-cls", "adapters": CLS_ADAPTERS}
+        names = [a["name"] for a in client.get("/v1/adapters").json()["adapters"]]
+        assert names == CLS_ADAPTERS
+        paths = client.get("/openapi.json").json()["paths"]
+        assert {"/v1/classify", "/v1/generate", "/v1/adapters", "/health", "/metrics"} <= set(paths)
+
+
+def test_classify_matches_offline_for_each_adapter_and_base(cls_server, folders):
+    texts = [t for t, _ in sentiment_rows(6, seed=5)]
+    expected = _offline(folders, CLS_ADAPTERS, texts)
+    with httpx.Client(base_url=cls_server) as client:
+        for name in [None] + CLS_ADAPTERS:
+            r = client.post("/v1/classify", json={"inputs": texts, "adapter": name})
+            assert r.status_code == 200, r.text
+            results = r.json()["results"]
+            for got, want in zip(results, expected[name]):
+                assert _scores(got) == pytest.approx(want, abs=ATOL)
+                assert got["label"] == f"LABEL_{int(want[1] > want[0])}"
+    # the adapters really differ from each other and from the base, so the comparison above means something
+    firsts = [expected[n][0][0] for n in [None] + CLS_ADAPTERS]
+    assert len({round(v, 4) for v in firsts}) == len(firsts)
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"inputs": "good movie", "adapter": "nope"}, 404, "No adapter named 'nope'"),
+        ({"inputs": ["good"] * 17}, 413, "limit is 16"),
+        ({"inputs": " ".join(["good"] * 30)}, 413, "limit is 20"),
+        ({"inputs": []}, 400, "inputs is empty"),
+        ({"adapter": "a0"}, 422, "inputs"),
+    ],
+)
+def test_classify_rejects_bad_requests(cls_server, body, status, words):
+    r = httpx.post(cls_server + "/v1/classify", json=body)
+    assert r.status_code == status
+    assert words in r.text
+
+
+def test_generate_on_a_classifier_is_a_clear_400(cls_server):
+    r = httpx.post(cls_server + "/v1/generate", json={"prompt": "good", "max_new_tokens": 2})
+    assert r.status_code == 400 and "seq-cls model" in r.text
+
+
+def test_admin_needs_the_token(cls_server):
+    body = {"name": "x", "path": "extra"}
+    assert httpx.post(cls_server + "/v1/adapters", json=body).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert httpx.post(cls_server + "/v1/adapters", json=body, headers=wrong).status_code == 401
+    assert httpx.delete(cls_server + "/v1/adapters/a0", headers=wrong).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "name, path, status, words",
+    [
+        ("up", "../outside", 403, "outside the allowed root"),
+        ("abs", "/etc", 403, "outside the allowed root"),
+        ("link", "escape", 403, "outside the allowed root"),
+        ("empty", "empty", 400, "missing adapter_config.json"),
+        ("ia3", "ia3", 400, "Only LoRA adapters"),
+        ("a0", "extra", 409, "already loaded"),
+        ("bad/name", "extra", 400, "Bad adapter name"),
+    ],
+)
+def test_bad_loads_are_refused_and_the_server_keeps_working(cls_server, name, path, status, words):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = httpx.post(cls_server + "/v1/adapters", json={"name": name, "path": path}, headers=auth)
+    assert r.status_code == status, r.text
+    assert words in r.text
+    assert [a["name"] for a in httpx.get(cls_server + "/v1/adapters").json()["adapters"]] == CLS_ADAPTERS
+    assert (
+        httpx.post(cls_server + "/v1/classify", json={"inputs": "good", "adapter": "a1"}).status_code == 200
+    )
+
+
+def test_hot_load_then_unload_with_requests_in_flight(cls_server, folders):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    texts = [t for t, _ in sentiment_rows(20, seed=9)]
+    expected = _offline(folders, ["extra"], texts)["extra"]
+    with httpx.Client(base_url=cls_server) as client:
+        r = client.post("/v1/adapters", json={"name": "extra", "path": "extra"}, headers=auth)
+        assert r.status_code == 201, r.text
+        assert "extra" in client.get("/health").json()["adapters"]
+
+    async def drive():
+        async with httpx.AsyncClient(base_url=cls_server, timeout=30) as client:
+            calls = [client.post("/v1/classify", json={"inputs": t, "adapter": "extra"}) for t in texts]
+            tasks = [asyncio.ensure_future(c) for c in calls]
+            await asyncio.sleep(0.01)
+            deleted = await client.delete("/v1/adapters/extra", headers=auth)
+            return deleted, await asyncio.gather(*tasks)
+
+    deleted, answers = asyncio.run(drive())
+    assert deleted.status_code == 200, deleted.text
+    for answer, want in zip(answers, expected):
+        assert answer.status_code in (200, 404), answer.text  # admitted before the unload: answered in full
+        if answer.status_code == 200:
+            assert _scores(answer.json()["results"][0]) == pytest.approx(want, abs=ATOL)
+    gone = httpx.post(cls_server + "/v1/classify", json={"inputs": "good", "adapter": "extra"})
+    assert gone.status_code == 404
+    assert httpx.delete(cls_server + "/v1/adapters/extra", headers=auth).status_code == 404
+
+
+def test_load_200_concurrent_requests_over_4_adapters(cls_server, folders):
+    rows = sentiment_rows(200, seed=11)
+    texts = [t for t, _ in rows]
+    names = [CLS_ADAPTERS[i % 4] for i in range(len(rows))]
+    expected = _offline(folders, CLS_ADAPTERS, texts)
+
+    async def drive():
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=cls_server, timeout=60, limits=limits) as client:
+            calls = [
+                client.post("/v1/classify", json={"inputs": t, "adapter": a}) for t, a in zip(texts, names)
+            ]
+            return await asyncio.gather(*calls)
+
+    start = time.perf_counter()
+    answers = asyncio.run(drive())
+    assert time.perf_counter() - start < 60
+    assert [a.status_code for a in answers] == [200] * len(rows)
+    for i, answer in enumerate(answers):
+        assert _scores(answer.json()["results"][0]) == pytest.approx(expected[names[i]][i], abs=ATOL)
+    metrics = httpx.get(cls_server + "/metrics").text
+    count = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith('deltatune_batch_size_count{endpoint="classify"')
+    )
+    assert 'deltatune_requests_total{endpoint="classify",adapter="a3",status="200"}' in metrics
+    assert "deltatune_request_latency_seconds_sum" in metrics
+    # requests were batched: far fewer forward passes than requests (each batch mixes adapters)
+    batches = int(count.split()[-1])
+    assert batches < 150
+
+
+def test_row_adapters_equal_set_adapter_per_row(folders):
+    """The per-row LoRA path (mixed batch incl. base rows) against running each row with set_adapter."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folders["base"])
+    plain = AutoModelForSequenceClassification.from_pretrained(folders["base"]).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(folders["base"])
+    model = PeftModel.from_pretrained(model, str(folders["adapters"] / "a0"), adapter_name="a0")
+    model.load_adapter(str(folders["adapters"] / "a1"), "a1")
+    texts = ["good movie", "the plot was awful", "fun", "not very happy story"]
+    rows = ["a1", None, "a0", "a1"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad(), row_adapters(model, rows):
+        mixed = model(**enc).logits
+    assert all(getattr(m, "row_adapters", None) is None for m in model.modules())
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            one = {k: v[i : i + 1] for k, v in enc.items()}
+            if name is None:
+                want = plain(**one).logits
+            else:
+                model.set_adapter(name)
+                want = model(**one).logits
+            torch.testing.assert_close(mixed[i : i + 1], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def gen_setup(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("gen")
+    base = tiny_llama_folder(str(root / "base"))
+    for i, name in enumerate(["g0", "g1"]):
+        model = AutoModelForCausalLM.from_pretrained(base)
+        peft_model = get_peft_model(
+            model, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj", "o_proj"])
+        )
+        _randomize(peft_model, 30 + i, 1.0)
+        peft_model.save_pretrained(str(root / name))
+    engine = Engine(
+        AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base), "causal-lm"
+    )
+    for name in ["g0", "g1"]:
+        engine.load(name, str(root / name))
+    url, server, thread = _serve(create_app(engine, ServeSettings(max_new_tokens=8, batch_window_ms=20)))
+    yield {"url": url, "root": root, "base": base}
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_generate_matches_offline_greedy(gen_setup):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = gen_setup["base"]
+    tok = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), str(gen_setup["root"] / "g0"), adapter_name="g0"
+    )
+    model.load_adapter(str(gen_setup["root"] / "g1"), "g1")
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    prompts = ["the movie was", "good fun story", "a film", "not really the plot"]
+    jobs = [(p, a) for p in prompts for a in (None, "g0", "g1")]
+    expected = []
+    with torch.no_grad():
+        for prompt, name in jobs:
+            enc = tok(prompt, return_tensors="pt")
+            if name is not None:
+                model.set_adapter(name)
+            net = plain if name is None else model
+            out = net.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+            expected.append(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    assert len(set(expected)) > 3  # the adapters change what is generated
+
+    async def drive():
+        async with httpx.AsyncClient(base_url=gen_setup["url"], timeout=30) as client:
+            calls = [
+                client.post("/v1/generate", json={"prompt": p, "adapter": a, "max_new_tokens": 6})
+                for p, a in jobs
+            ]
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(drive())
+    assert [a.status_code for a in answers] == [200] * len(jobs)
+    assert [a.json()["generation"] for a in answers] == expected
+    sampled = httpx.post(
+        gen_setup["url"] + "/v1/generate",
+        json={"prompt": "good", "adapter": "g1", "max_new_tokens": 4, "do_sample": True, "top_k": 5},
+    )
+    assert sampled.status_code == 200 and isinstance(sampled.json()["generation"], str)
+
+
+def test_generate_limits_and_admin_off(gen_setup):
+    url = gen_setup["url"]
+    over = httpx.post(url + "/v1/generate", json={"prompt": "good", "max_new_tokens": 9})
+    assert over.status_code == 400 and "over the limit 8" in over.text
+    assert httpx.post(url + "/v1/generate", json={"prompt": "good", "max_new_tokens": 0}).status_code == 422
+    assert httpx.post(url + "/v1/generate", json={"prompt": "good", "temperature": 0}).status_code == 422
+    wrong_task = httpx.post(url + "/v1/classify", json={"inputs": "good"})
+    assert wrong_task.status_code == 400 and "causal-lm model" in wrong_task.text
+    off = httpx.post(
+        url + "/v1/adapters", json={"name": "x", "path": "g0"}, headers={"Authorization": "Bearer any"}
+    )
+    assert off.status_code == 403 and "Admin endpoints are off" in off.text
+    assert httpx.delete(url + "/v1/adapters/g0").status_code == 403
