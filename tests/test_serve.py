@@ -359,3 +359,53 @@ def test_generate_limits_and_admin_off(gen_setup):
     )
     assert off.status_code == 403 and "Admin endpoints are off" in off.text
     assert httpx.delete(url + "/v1/adapters/g0").status_code == 403
+
+
+def test_cli_serve_starts_and_answers(folders):
+    """`deltatune serve` wires the options through: a subprocess on a free port, one request, then stopped."""
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "deltatune", "serve", "--model", folders["base"], "--task", "seq-cls"]
+    cmd += ["--adapter", f"a0={folders['adapters'] / 'a0'}", "--port", str(port), "--max-input-tokens", "5"]
+    env = {**os.environ, "DELTATUNE_ADMIN_TOKEN": ""}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 45
+        while True:
+            try:
+                health = httpx.get(url + "/health")
+                break
+            except httpx.TransportError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise AssertionError(
+                        proc.stdout.read().decode() if proc.poll() is not None else "no start"
+                    )
+                time.sleep(0.2)
+        assert health.json()["adapters"] == ["a0"]
+        texts = ["good movie"]
+        r = httpx.post(url + "/v1/classify", json={"inputs": texts, "adapter": "a0"})
+        assert _scores(r.json()["results"][0]) == pytest.approx(
+            _offline(folders, ["a0"], texts)["a0"][0], abs=ATOL
+        )
+        too_long = httpx.post(url + "/v1/classify", json={"inputs": "good " * 9})
+        assert too_long.status_code == 413 and "limit is 5" in too_long.text
+        off = httpx.post(url + "/v1/adapters", json={"name": "x", "path": "a1"})
+        assert off.status_code == 403
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_cli_serve_rejects_a_bad_adapter_spec(folders):
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", folders["base"], "--adapter", "no-equals-sign"])
+    assert result.exit_code == 2
+    assert "must look like NAME=DIR" in result.output
