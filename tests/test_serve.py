@@ -181,6 +181,7 @@ def test_admin_needs_the_token(cls_server):
         ("ia3", "ia3", 400, "Only LoRA adapters"),
         ("a0", "extra", 409, "already loaded"),
         ("bad/name", "extra", 400, "Bad adapter name"),
+        ("nul", "a0\x00", 400, "NUL character"),
     ],
 )
 def test_bad_loads_are_refused_and_the_server_keeps_working(cls_server, name, path, status, words):
@@ -250,6 +251,7 @@ def test_load_200_concurrent_requests_over_4_adapters(cls_server, folders):
     )
     assert 'deltatune_requests_total{endpoint="classify",adapter="a3",status="200"}' in metrics
     assert "deltatune_request_latency_seconds_sum" in metrics
+    assert 'adapter="nope"' not in metrics and 'adapter="unknown",status="404"' in metrics
     # requests were batched: far fewer forward passes than requests (each batch mixes adapters)
     batches = int(count.split()[-1])
     assert batches < 150
@@ -384,7 +386,7 @@ def test_cli_serve_starts_and_answers(folders):
                 if time.time() > deadline or proc.poll() is not None:
                     raise AssertionError(
                         proc.stdout.read().decode() if proc.poll() is not None else "no start"
-                    )
+                    ) from None
                 time.sleep(0.2)
         assert health.json()["adapters"] == ["a0"]
         texts = ["good movie"]
@@ -409,3 +411,63 @@ def test_cli_serve_rejects_a_bad_adapter_spec(folders):
     result = CliRunner().invoke(app, ["serve", "--model", folders["base"], "--adapter", "no-equals-sign"])
     assert result.exit_code == 2
     assert "must look like NAME=DIR" in result.output
+
+
+def test_engine_unloading_the_last_adapter_gives_back_the_base(folders):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folders["base"])
+    engine = Engine(AutoModelForSequenceClassification.from_pretrained(folders["base"]), tok, "seq-cls")
+    texts = ["good movie", "awful plot"]
+    before = engine.classify(texts, [None, None])
+    engine.load("a2", str(folders["adapters"] / "a2"))
+    with_adapter = engine.classify(texts, ["a2", "a2"])
+    assert with_adapter != before
+    engine.unload("a2")
+    assert engine.adapters == [] and not isinstance(engine.model, PeftModel)
+    assert engine.classify(texts, [None, None]) == before
+    engine.load("again", str(folders["adapters"] / "a2"))
+    assert engine.classify(texts, ["again", "again"]) == with_adapter
+
+
+def test_served_answers_equal_deltatune_predict(tmp_path):
+    """A folder written by `deltatune train`: the engine `deltatune serve` builds answers as `deltatune predict`."""
+    import json
+
+    import yaml
+    from train_helpers import write_csv
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+    from deltatune.serve import build_engine
+
+    base = tiny_bert_folder(str(tmp_path / "model"))
+    write_csv(str(tmp_path / "train.csv"), [(t, "pos" if y else "neg") for t, y in sentiment_rows(40)])
+    recipe = {
+        "model": base,
+        "task": "seq-cls",
+        "method": "lora",
+        "lora": {"r": 2},
+        "train_file": str(tmp_path / "train.csv"),
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 3,
+        "batch_size": 8,
+        "lr": 5e-2,
+        "progress": False,
+        "tensorboard": False,
+        "plot": False,
+        "num_threads": 1,
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(tmp_path / "recipe.yaml")]).exit_code == 0
+    texts = ["great fun movie", "awful dull plot", "the story was not really sad"]
+    predicted = runner.invoke(app, ["predict", str(tmp_path / "run")], input="\n".join(texts) + "\n")
+    assert predicted.exit_code == 0, predicted.output
+    expected = [json.loads(line) for line in predicted.stdout.strip().splitlines()]
+    engine = build_engine(base, {"sst": str(tmp_path / "run")}, "seq-cls")
+    served = engine.classify(texts, ["sst"] * len(texts))
+    assert [s["label"] for s in served] == [e["label"] for e in expected]
+    assert set(served[0]["scores"]) == {"neg", "pos"}
+    for s, e in zip(served, expected):
+        assert s["scores"] == pytest.approx(e["scores"], abs=ATOL)

@@ -128,6 +128,8 @@ def resolve_under_root(root: str, path: str) -> str:
     """The real folder `path` names, refused unless it (and its adapter files) lie inside `root` after resolving
     `..` and symlinks; relative paths are taken from `root`."""
     real_root = os.path.realpath(root)
+    if "\x00" in path:
+        raise HTTPException(400, "Adapter path contains a NUL character.")
     real = os.path.realpath(os.path.join(real_root, path))
     candidates = [real] + [os.path.realpath(os.path.join(real, f)) for f in ADAPTER_FILES]
     for candidate in candidates:
@@ -210,8 +212,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         except Exception as err:
             status = 500
             raise HTTPException(500, f"{type(err).__name__}: {err}") from err
-        finally:
-            metrics.request(endpoint, adapter, status, time.perf_counter() - start)
+        finally:  # unknown names share one label, so requests cannot grow the metric series without bound
+            label = adapter if adapter is None or adapter in engine.paths else "unknown"
+            metrics.request(endpoint, label, status, time.perf_counter() - start)
 
     def need_task(task: str, endpoint: str) -> None:
         if engine.task != task:
@@ -330,8 +333,38 @@ def build_engine(model: str, adapters: dict[str, str], task: str = "seq-cls") ->
     """Load the base model and the operator's adapters (trusted folders, named at start)."""
     from deltatune.models import load_model_and_tokenizer
 
-    base, tokenizer = load_model_and_tokenizer(model, task=task)
+    labels = run_labels(list(adapters.values())) if task == "seq-cls" else None
+    kwargs = {}
+    if labels is not None:  # as `deltatune train` built the head: same size, same label names
+        kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels))}
+        kwargs["label2id"] = {n: i for i, n in enumerate(labels)}
+    base, tokenizer = load_model_and_tokenizer(model, task=task, **kwargs)
     engine = Engine(base, tokenizer, task)
     for name, path in adapters.items():
         engine.load(name, path)
     return engine
+
+
+def run_labels(folders: list[str]) -> list[str] | None:
+    """The label names recorded by `deltatune train` (run_config.yaml) in these adapter folders, if any; every
+    folder that records labels must record the same ones, since the adapters share one base and its label names."""
+    import yaml
+
+    from deltatune.train.recipe import RUN_CONFIG
+
+    found: list[str] | None = None
+    for folder in folders:
+        path = os.path.join(folder, RUN_CONFIG)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as fh:
+            names = (yaml.safe_load(fh) or {}).get("labels")
+        if not names:
+            continue
+        names = [str(n) for n in names]
+        if found is not None and names != found:
+            raise ValueError(
+                f"Adapters disagree on labels ({found} vs {names} in {folder}); serve them from separate servers."
+            )
+        found = names
+    return found
