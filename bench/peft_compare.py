@@ -98,6 +98,7 @@ def train_loop(model, batches, steps: int, lr: float) -> dict[str, Any]:
     return {
         "median_step_s": statistics.median(times[1:] if len(times) > 1 else times),
         "peak_step_memory_mb": (sampler.peak - before) / 2**20,
+        "first_loss": losses[0],
         "final_loss": losses[-1],
         "losses": losses,
         "trainable_params": sum(p.numel() for p in params),
@@ -115,8 +116,11 @@ def timed(fn: Callable[[], Any], repeat: int = 3) -> float:
 
 
 # --- one pair: the same adapter in peft and in deltatune ---------------------------------------------------
+DELTATUNE_FIRST = False  # --deltatune-first: train deltatune's copy before peft's (to expose order effects)
+
+
 def pair(base, make_peft_config: Callable[[], Any], batches, steps: int, lr: float) -> dict[str, Any]:
-    """Train peft's adapter, then the same starting adapter loaded into deltatune; results and ratios."""
+    """Train peft's adapter and the same starting adapter loaded into deltatune; results and ratios."""
     import peft
 
     import deltatune
@@ -127,7 +131,8 @@ def pair(base, make_peft_config: Callable[[], Any], batches, steps: int, lr: flo
         peft_model.save_pretrained(folder)
         dt_model = deltatune.PeftModel.from_pretrained(copy.deepcopy(base), folder, is_trainable=True)
     results = {}
-    for name, model in (("peft", peft_model), ("deltatune", dt_model)):
+    order = [("peft", peft_model), ("deltatune", dt_model)]
+    for name, model in order[::-1] if DELTATUNE_FIRST else order:
         torch.manual_seed(0)
         results[name] = train_loop(model, batches, steps, lr)
         del model
@@ -138,8 +143,8 @@ def pair(base, make_peft_config: Callable[[], Any], batches, steps: int, lr: flo
         key: d[key] / p[key] if p[key] else None
         for key in ("median_step_s", "peak_step_memory_mb", "final_loss")
     }
-    for r in (p, d):
-        r.pop("losses")
+    # same start, same batches: the curves should agree to float rounding (a check on the comparison itself)
+    results["max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(p.pop("losses"), d.pop("losses")))
     return results
 
 
@@ -182,8 +187,8 @@ def smollm2(steps: int, batch_size: int, seq: int) -> dict[str, Any]:
     base, tok = load_model_and_tokenizer(SMOLLM, task="causal-lm")
     batches = lm_batches(tok, sst2_rows(400), batch_size, seq)
 
-    def make():
-        return peft.LoraConfig(
+    def make(lib=peft):
+        return lib.LoraConfig(
             r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         )
 
@@ -215,20 +220,20 @@ def smollm2(steps: int, batch_size: int, seq: int) -> dict[str, Any]:
     }
     for name, lib in (("deltatune", deltatune), ("peft", peft)):
         torch.manual_seed(0)
-        model = lib.get_peft_model(copy.deepcopy(base), make())
+        model = lib.get_peft_model(copy.deepcopy(base), make(lib))
         with torch.no_grad():  # non-zero B so the merge is real work and the outputs can be compared
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.01)
         model.eval()
         with torch.no_grad():
-            unmerged = timed(lambda: model(**batch))
+            unmerged = timed(lambda m=model: m(**batch))
             reference = model(**batch).logits
         t0 = time.perf_counter()
         merged_model = model.merge_and_unload()
         merge_s = time.perf_counter() - t0
         with torch.no_grad():
-            merged = timed(lambda: merged_model(**batch))
+            merged = timed(lambda m=merged_model: m(**batch))
             diff = float((merged_model(**batch).logits - reference).abs().max())
         out[f"inference_{name}"] = {
             "unmerged_forward_s": unmerged,
@@ -254,29 +259,32 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# deltatune vs peft (same model, data, seed, starting weights, AdamW loop)",
         "",
-        f"{result['date']}; {result['machine']}; `{result['command']}`; {result['threads']} torch thread(s).",
+        f"{result['date']}; {result['machine']}; `{result['command']}`; {result['threads']} torch thread(s); "
+        f"{'deltatune' if result.get('deltatune_first') else 'peft'} trained first in each pair.",
         "Ratios are deltatune / peft (below 1: deltatune is faster / lighter). Memory: peak RSS growth during the "
         "training steps.",
         "",
         "| model | method | steps | peft step ms | deltatune step ms | step ratio | peft MiB | deltatune MiB "
-        "| memory ratio | peft final loss | deltatune final loss | loss ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| memory ratio | first loss | peft final loss | deltatune final loss | loss ratio | max abs loss diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    rows = [(MINILM, k, v, result["steps"]) for k, v in result["minilm"].items()]
-    if "smollm2" in result:
+    rows = [(MINILM, k, v, result["steps"]) for k, v in result.get("minilm", {}).items()]
+    if "lora" in result.get("smollm2", {}):
         rows.append((SMOLLM, "lora", result["smollm2"]["lora"], result["llm_steps"]))
     for model, method, r, steps in rows:
         if "error" in r:
-            lines.append(f"| {model} | {method} | {steps} | error: {r['error']} |" + " |" * 8)
+            lines.append(f"| {model} | {method} | {steps} | error: {r['error']} |" + " |" * 10)
             continue
         p, d, q = r["peft"], r["deltatune"], r["ratio"]
         lines.append(
             f"| {model} | {method} | {steps} | {1000 * p['median_step_s']:.1f} | {1000 * d['median_step_s']:.1f} "
             f"| {_fmt(q['median_step_s'])} | {p['peak_step_memory_mb']:.0f} | {d['peak_step_memory_mb']:.0f} "
-            f"| {_fmt(q['peak_step_memory_mb'])} | {p['final_loss']:.4f} | {d['final_loss']:.4f} "
-            f"| {_fmt(q['final_loss'], '.4f')} |"
+            f"| {_fmt(q['peak_step_memory_mb'])} | {p['first_loss']:.4f} | {p['final_loss']:.4f} "
+            f"| {d['final_loss']:.4f} | {_fmt(q['final_loss'], '.4f')} | {r['max_abs_loss_diff']:.1e} |"
         )
-    if "smollm2" in result:
+    if "error" in result.get("smollm2", {}):
+        lines += ["", f"SmolLM2 part failed: {result['smollm2']['error']}"]
+    elif "smollm2" in result:
         s = result["smollm2"]
         lines += [
             "",
@@ -309,8 +317,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--llm-seq", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-llm", action="store_true")
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--deltatune-first", action="store_true", help="train deltatune's copy first")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     args = parser.parse_args(argv)
+    global DELTATUNE_FIRST
+    DELTATUNE_FIRST = args.deltatune_first
     torch.set_num_threads(args.threads)
     import peft
 
@@ -320,12 +332,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"peft {peft.__version__}",
         "command": "python bench/peft_compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "threads": args.threads,
+        "deltatune_first": args.deltatune_first,
         "steps": args.steps,
         "llm_steps": args.llm_steps,
-        "minilm": minilm_pairs(args.steps),
     }
+    if not args.skip_minilm:
+        result["minilm"] = minilm_pairs(args.steps)
     if not args.skip_llm:
-        result["smollm2"] = smollm2(args.llm_steps, args.llm_batch, args.llm_seq)
+        try:
+            result["smollm2"] = smollm2(args.llm_steps, args.llm_batch, args.llm_seq)
+        except Exception as err:  # noqa: BLE001 - keep the MiniLM results; report what failed
+            result["smollm2"] = {"error": f"{type(err).__name__}: {err}"}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "peft_compare.json"), "w") as fh:
         json.dump(result, fh, indent=2)

@@ -279,31 +279,37 @@ def run_bench(
         raise ValueError(f"Unknown bench method(s) {unknown}; choose from: {', '.join(method_names())}.")
     baseline = majority_baseline(s)
     log(f"majority-class baseline: accuracy {baseline['accuracy']:.4f}, macro-F1 {baseline['f1_macro']:.4f}")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    command = "deltatune " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("deltatune") else "run_bench()"
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": _machine(),
+        "command": command,
+        "settings": dataclasses.asdict(s),
+        "isolated_processes": isolate,
+        "wall_time_s": 0.0,
+        "majority_baseline": baseline,
+        "methods": rows,
+    }
     started = time.time()
+    os.makedirs(out_dir, exist_ok=True)
     for name in names:
         t0 = time.time()
         row = (_run_isolated if isolate else _run_here)(name, s)
         row["wall_s"] = time.time() - t0
         rows.append(row)
         log(_row_line(row))
-    result = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": _machine(),
-        "command": "deltatune " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("deltatune") else "run_bench",
-        "settings": dataclasses.asdict(s),
-        "isolated_processes": isolate,
-        "wall_time_s": time.time() - started,
-        "majority_baseline": baseline,
-        "methods": rows,
-    }
-    os.makedirs(out_dir, exist_ok=True)
+        result["wall_time_s"] = time.time() - started
+        _write(result, out_dir)  # after every method, so a long run stopped midway keeps its rows
+    plot(result, os.path.join(out_dir, "bench.png"))
+    return result
+
+
+def _write(result: dict[str, Any], out_dir: str) -> None:
     with open(os.path.join(out_dir, "bench.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     with open(os.path.join(out_dir, "bench.md"), "w") as fh:
         fh.write(markdown(result))
-    plot(result, os.path.join(out_dir, "bench.png"))
-    return result
 
 
 def _machine() -> str:

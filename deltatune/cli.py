@@ -182,7 +182,9 @@ def inspect(
 def bench(
     quick: bool = typer.Option(False, "--quick", help="A tiny subset and a few steps: finishes in minutes."),
     model: str = typer.Option(None, help="Model to benchmark (default: all-minilm-l6-v2)."),
-    data_dir: str = typer.Option(None, help="Folder with train.tsv and dev.tsv (default: ../shared/data/sst2)."),
+    data_dir: str = typer.Option(
+        None, help="Folder with train.tsv and dev.tsv (default: ../shared/data/sst2)."
+    ),
     steps: int = typer.Option(None, help="Optimizer steps per method (default: 150; 8 with --quick)."),
     methods: str = typer.Option(None, help="Comma-separated subset of methods (default: all)."),
     out: str = typer.Option("bench/results", help="Folder for bench.json, bench.md and bench.png."),
