@@ -40,7 +40,10 @@ PIECES = {
     "lora_gate": r".*\.lora_gate\.default\.(weight|bias)",
     "head": r".*classifier\.modules_to_save\.default\.(weight|bias)",
 }
-EXPECTED = {"mam": {"prefix", "adapter"}, "unipelt": {"prefix", "adapter", "adapter_gate", "lora", "lora_gate"}}
+EXPECTED = {
+    "mam": {"prefix", "adapter"},
+    "unipelt": {"prefix", "adapter", "adapter_gate", "lora", "lora_gate"},
+}
 
 
 def batch(factory):
@@ -60,7 +63,9 @@ def wrapped(kind, factory, task, **extra):
 
 @pytest.mark.parametrize("kind,factory,task", CASES, ids=IDS)
 def test_loss_goes_down(kind, factory, task):
-    model = wrapped(kind, factory, task)
+    # A larger init lets the frozen random LM head express the task (at 0.02 its logits barely move).
+    base = tiny_llama(initializer_range=0.2) if factory is tiny_llama else factory()
+    model = dt.get_peft_model(base, configs(kind, task_type=task))
     x, labels = batch(factory)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     model.train()
@@ -71,7 +76,7 @@ def test_loss_goes_down(kind, factory, task):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 @pytest.mark.parametrize("kind,factory,task", CASES, ids=IDS)
@@ -121,7 +126,11 @@ def test_save_load_identical_and_disable_gives_the_base(kind, factory, task, tmp
 @pytest.mark.parametrize("kind", ["mam", "unipelt"])
 def test_projection_is_saved_as_plain_prefixes(kind, tmp_path):
     model = wrapped(kind, tiny_llama, None, prefix_projection=True, encoder_hidden_size=8)
-    assert any(n.startswith("prompt_encoder.default.transform") for n, p in model.named_parameters() if p.requires_grad)
+    assert any(
+        n.startswith("prompt_encoder.default.transform")
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    )
     randomize_adapter(model)
     x, _ = batch(tiny_llama)
     model.save_pretrained(tmp_path)
@@ -145,8 +154,9 @@ def test_generate_matches_a_manual_greedy_loop(kind):
     """generate() runs prefixes from the cache and adapters in the modules; a loop over full forwards agrees."""
     model = wrapped(kind, tiny_llama, None)
     randomize_adapter(model, scale=0.5)
-    x = torch.tensor([[5, 6, 7]])
-    out = model.generate(input_ids=x, max_new_tokens=4, do_sample=False)
+    x = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    out = model.generate(input_ids=x, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert out.shape == (2, 7)
     ids = x
     for _ in range(4):
         ids = torch.cat([ids, out_of(model, ids)[:, -1:].argmax(-1)], dim=1)
@@ -180,7 +190,11 @@ def test_unipelt_gates_follow_the_paper():
         assert torch.allclose(q(x), expected, atol=1e-6)
         h_in = torch.randn(2, 3, 64)
         h = ffn_out.base_layer(h_in)
-        d, u, ga = (ffn_out.adapter_down["default"], ffn_out.adapter_up["default"], ffn_out.adapter_gate["default"])
+        d, u, ga = (
+            ffn_out.adapter_down["default"],
+            ffn_out.adapter_up["default"],
+            ffn_out.adapter_gate["default"],
+        )
         expected = h + torch.sigmoid(ga(h)) * u(torch.relu(d(h)))
         assert torch.allclose(ffn_out(h_in), expected, atol=1e-6)
     gates = torch.sigmoid(g(x))
@@ -219,7 +233,7 @@ def test_trains_through_the_cli(method, tmp_path):
         "model": str(tmp_path / "model"),
         "task": "seq-cls",
         "method": method,
-        method: {"num_virtual_tokens": 4},
+        method.replace("-", "_"): {"num_virtual_tokens": 4},  # option sections are named with underscores
         "train_file": "train.csv",
         "eval_file": "dev.csv",
         "output_dir": str(tmp_path / "run"),

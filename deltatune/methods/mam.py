@@ -54,13 +54,13 @@ class MAMConfig(PrefixTuningConfig):
             self.target_modules = sorted(self.target_modules)
         self.adapter_config()  # validate the adapter options now, not when the model is wrapped
 
-    def adapter_config(self, variant: str = "parallel") -> BottleneckConfig:
+    def adapter_config(self) -> BottleneckConfig:
         """The adapter half of this config, as the bottleneck method takes it."""
         return BottleneckConfig(
             task_type=self.task_type,
             target_modules=self.target_modules,
             modules_to_save=self.modules_to_save,
-            variant=variant,
+            variant="parallel",
             reduction_factor=self.reduction_factor,
             non_linearity=self.non_linearity,
             scaling=self.scaling,
@@ -87,11 +87,15 @@ def inject(peft_model: nn.Module, config: MAMConfig, adapter_name: str) -> None:
     config.target_modules = adapter_config.target_modules
 
 
-def state_dict(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig) -> dict[str, torch.Tensor]:
+def state_dict(
+    peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig
+) -> dict[str, torch.Tensor]:
     """Method hook: the prefix entries (`prompt_embeddings`, or the reparameterisation MLP while training) plus
     every module-wrapper tensor of the adapter (adapters, gates, LoRA factors, trained heads)."""
     prompt = {
-        k: v for k, v in pl.state_dict(peft_model, adapter_name, config).items() if not k.startswith(pl.HEAD_PREFIX)
+        k: v
+        for k, v in pl.state_dict(peft_model, adapter_name, config).items()
+        if not k.startswith(pl.HEAD_PREFIX)
     }
     # A BOTTLENECK config selects checkpoint's default collection: every AdapterLayer and head of this adapter.
     layers = checkpoint.adapter_entries(peft_model, adapter_name, BottleneckConfig())

@@ -306,10 +306,14 @@ def split_recipe(raw: dict[str, Any]) -> tuple[RunConfig, TrainConfig, dict[str,
 DEFAULT_TARGETS = {"LORA", "ADALORA", "IA3"}
 
 
-def make_peft_config(run: RunConfig, options: dict[str, Any], total_steps: int = 1):
+def make_peft_config(run: RunConfig, options: dict[str, Any], total_steps: int = 1, tokenizer: Any = None):
     peft_type, implied, config_cls = method_info(run.method)
     names = {f.name for f in dataclasses.fields(config_cls) if f.init}
     kwargs = {**implied, **options}
+    init = kwargs.get("prompt_tuning_init")
+    if str(getattr(init, "value", init)) == "TEXT" and kwargs.get("tokenizer_name_or_path") is None:
+        # prompts initialised from a text use the run's own tokenizer (its model name before it is loaded)
+        kwargs["tokenizer_name_or_path"] = tokenizer if tokenizer is not None else run.model
     if peft_type in DEFAULT_TARGETS and "target_modules" in names and kwargs.get("target_modules") is None:
         kwargs["target_modules"] = "all-linear"
     if "num_virtual_tokens" in names and kwargs.get("num_virtual_tokens") is None:
@@ -479,7 +483,7 @@ def train_from_recipe(raw: dict[str, Any]) -> dict[str, Any]:
     if not features["train"]:
         raise DataError(f"{sources['train']}: no training rows left.")
     seed_everything(train_cfg.seed)  # the adapter's initial weights depend only on the seed
-    peft_config = make_peft_config(run, options, planned_steps(train_cfg, len(features["train"])))
+    peft_config = make_peft_config(run, options, planned_steps(train_cfg, len(features["train"])), tokenizer)
     peft_model = get_peft_model(model, peft_config)
     teacher = load_teacher(run, labels)
     trainer = Trainer(

@@ -41,6 +41,14 @@ def logits_of(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
+def real_token_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token logits without the soft prompt's positions: prompt tuning and P-tuning return logits for their
+    virtual tokens too (in front, as peft does), which no label belongs to."""
+    if labels.dim() == 2 and logits.dim() == 3 and logits.shape[1] > labels.shape[1]:
+        return logits[:, -labels.shape[1] :]
+    return logits
+
+
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The batch minus the fields only the loss needs."""
     return {k: v for k, v in batch.items() if k not in ("labels", "label_ids")}
@@ -87,8 +95,8 @@ class Task:
         return pad_batch(list(features), pad_id)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-        logits = logits_of(model(**model_inputs(batch)))
         labels = batch["labels"]
+        logits = real_token_logits(logits_of(model(**model_inputs(batch))), labels)
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
         )
@@ -319,6 +327,7 @@ class CausalLMTask(Task):
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+        logits = real_token_logits(logits, batch["labels"])
         shifted = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], 1)
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100
