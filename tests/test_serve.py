@@ -471,3 +471,32 @@ def test_served_answers_equal_deltatune_predict(tmp_path):
     assert set(served[0]["scores"]) == {"neg", "pos"}
     for s, e in zip(served, expected):
         assert s["scores"] == pytest.approx(e["scores"], abs=ATOL)
+
+
+def test_single_adapter_batches_run_merged_and_mixed_batches_unmerge(folders):
+    """The fast path folds the adapter into the weights while batches keep naming it; a mixed or base batch
+    unmerges first, and every path gives the same answers."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from deltatune.layer import AdapterLayer
+
+    tok = AutoTokenizer.from_pretrained(folders["base"])
+    engine = Engine(AutoModelForSequenceClassification.from_pretrained(folders["base"]), tok, "seq-cls")
+    base = engine.classify(["good movie", "awful plot"], [None, None])
+    engine.load("a1", str(folders["adapters"] / "a1"))
+    engine.load("a2", str(folders["adapters"] / "a2"))
+    texts = ["good movie", "awful plot"]
+    merged_a1 = engine.classify(texts, ["a1", "a1"])
+    assert engine.merged == "a1"
+    assert any(m.merged for m in engine.model.modules() if isinstance(m, AdapterLayer))
+    mixed = engine.classify(texts, ["a1", "a2"])
+    assert engine.merged is None and not any(
+        m.merged for m in engine.model.modules() if isinstance(m, AdapterLayer)
+    )
+    for key, value in merged_a1[0]["scores"].items():
+        assert mixed[0]["scores"][key] == pytest.approx(value, abs=1e-5)
+    merged_a2 = engine.classify(texts, ["a2", "a2"])
+    for key, value in merged_a2[1]["scores"].items():
+        assert mixed[1]["scores"][key] == pytest.approx(value, abs=1e-5)
+    for key, value in base[0]["scores"].items():
+        assert engine.classify(texts, [None, None])[0]["scores"][key] == pytest.approx(value, abs=1e-6)

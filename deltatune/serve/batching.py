@@ -52,6 +52,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.task = task
         self.paths: dict[str, str] = {}
+        self.merged: str | None = None  # the adapter folded into the weights by the single-adapter fast path
 
     @property
     def adapters(self) -> list[str]:
@@ -74,6 +75,7 @@ class Engine:
             )
         if getattr(config, "use_dora", False):
             raise AdapterError(f"{path} is a DoRA adapter; mixed-adapter batches support plain LoRA only.")
+        self._unmerge()
         try:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(path, name)
@@ -87,6 +89,7 @@ class Engine:
         """Remove an adapter; removing the last one gives back the plain base model."""
         if name not in self.paths:
             raise KeyError(name)
+        self._unmerge()
         if len(self.paths) > 1:
             self.model.delete_adapter(name)
         else:
@@ -96,16 +99,27 @@ class Engine:
         del self.paths[name]
 
     # --- batches -------------------------------------------------------------------------------
+    def _unmerge(self) -> None:
+        if self.merged is not None:
+            self.model.unmerge_adapter()
+            self.merged = None
+
     def _adapter_scope(self, names: list[str | None]):
-        """One adapter for every row: the ordinary path (exactly what offline prediction runs); else per-row."""
+        """Every row on one adapter: the merged fast path (the adapter stays folded into the weights while batches
+        keep asking for it, so the forward costs what the base costs); mixed rows: per-row LoRA."""
         if not isinstance(self.model, PeftModel):
             return nullcontext()
         distinct = set(names)
+        if len(distinct) == 1 and names[0] is not None:
+            if self.merged != names[0]:
+                self._unmerge()
+                self.model.set_adapter(names[0])
+                self.model.merge_adapter()
+                self.merged = names[0]
+            return nullcontext()
+        self._unmerge()
         if distinct == {None}:
             return self.model.disable_adapter()
-        if len(distinct) == 1:
-            self.model.set_adapter(names[0])
-            return nullcontext()
         return row_adapters(self.model, names)
 
     @torch.no_grad()
