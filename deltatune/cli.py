@@ -214,6 +214,7 @@ def serve(
     admin_token: str = typer.Option(
         None, envvar="DELTATUNE_ADMIN_TOKEN", help="Bearer token for load/unload (unset: admin off)."
     ),
+    protect_all: bool = typer.Option(False, help="Require the token on every endpoint but /health."),
     adapter_root: str = typer.Option(".", help="Adapters loaded through the API must lie under this folder."),
     max_batch_size: int = typer.Option(32, help="Rows per forward pass, and texts per request."),
     batch_window_ms: float = typer.Option(5.0, help="How long to gather requests into one batch."),
@@ -233,6 +234,7 @@ def serve(
         adapters[name] = path
     settings = ServeSettings(
         admin_token=admin_token,
+        protect_all=protect_all,
         adapter_root=adapter_root,
         max_batch_size=max_batch_size,
         batch_window_ms=batch_window_ms,

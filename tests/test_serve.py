@@ -500,3 +500,27 @@ def test_single_adapter_batches_run_merged_and_mixed_batches_unmerge(folders):
         assert mixed[1]["scores"][key] == pytest.approx(value, abs=1e-5)
     for key, value in base[0]["scores"].items():
         assert engine.classify(texts, [None, None])[0]["scores"][key] == pytest.approx(value, abs=1e-6)
+
+
+def test_protect_all_requires_the_token_everywhere_but_health(folders):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    engine = Engine(
+        AutoModelForSequenceClassification.from_pretrained(folders["base"]),
+        AutoTokenizer.from_pretrained(folders["base"]),
+        "seq-cls",
+    )
+    with pytest.raises(ValueError, match="protect_all needs a token"):
+        create_app(engine, ServeSettings(protect_all=True))
+    url, server, thread = _serve(create_app(engine, ServeSettings(admin_token=TOKEN, protect_all=True)))
+    try:
+        assert httpx.get(url + "/health").status_code == 200
+        body = {"inputs": "good movie"}
+        refused = httpx.post(url + "/v1/classify", json=body)
+        assert refused.status_code == 401 and "Bearer" in refused.json()["detail"]
+        assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = httpx.post(url + "/v1/classify", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)

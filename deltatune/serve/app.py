@@ -19,8 +19,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Header, HTTPException
-from fastapi.responses import PlainTextResponse
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from deltatune.serve.batching import AdapterError, Batcher, Engine
@@ -34,6 +34,7 @@ class ServeSettings:
     """Limits and security settings; every limit is answered with a 4xx naming the limit."""
 
     admin_token: str | None = None
+    protect_all: bool = False  # the token is then required on every endpoint but /health
     adapter_root: str = "."
     max_batch_size: int = 32
     batch_window_ms: float = 5.0
@@ -150,6 +151,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     """The HTTP app around `engine`; all model work runs on one worker thread, in arrival-ordered batches."""
     settings = settings or ServeSettings()
     token = settings.admin_token or os.environ.get("DELTATUNE_ADMIN_TOKEN") or None
+    if settings.protect_all and token is None:
+        raise ValueError("protect_all needs a token: pass --admin-token or set DELTATUNE_ADMIN_TOKEN.")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltatune-model")
     metrics = Metrics()
     inflight: dict[str, int] = defaultdict(int)
@@ -179,6 +182,20 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         executor.shutdown(wait=True)
 
     app = FastAPI(title="deltatune serve", version="1", lifespan=lifespan)
+
+    def token_ok(authorization: str | None) -> bool:
+        scheme, _, given = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(given.encode(), token.encode())
+
+    if settings.protect_all:
+
+        @app.middleware("http")
+        async def require_token_everywhere(request: Request, call_next):
+            if request.url.path != "/health" and not token_ok(request.headers.get("authorization")):
+                return JSONResponse(
+                    {"detail": "This server requires 'Authorization: Bearer <token>' on every endpoint."}, 401
+                )
+            return await call_next(request)
 
     def claim(adapter: str | None) -> None:
         if adapter is None:
@@ -282,8 +299,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             raise HTTPException(
                 403, "Admin endpoints are off; start the server with --admin-token or DELTATUNE_ADMIN_TOKEN."
             )
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
+        if not token_ok(authorization):
             raise HTTPException(401, "Missing or wrong admin token; send 'Authorization: Bearer <token>'.")
 
     @app.post("/v1/adapters", status_code=201)
