@@ -32,8 +32,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
+# The committed tables: every method x 3 seeds (about 70 min here), then the peft side-by-side and LoRA vs QLoRA.
 bench: $(STAMP)
-	$(BIN)/deltatune bench
+	$(BIN)/deltatune bench --seeds 0,1,2 --jobs 2
+	$(BIN)/python bench/peft_compare.py
+	$(BIN)/python bench/quant_memory.py
 
 bench-quick: $(STAMP)
 	$(BIN)/deltatune bench --quick

@@ -77,8 +77,13 @@ def lm_batches(tokenizer, rows, batch_size: int, seq: int) -> list[dict[str, tor
 
 
 # --- the loop both libraries share ------------------------------------------------------------------------
-def train_loop(model, batches, steps: int, lr: float) -> dict[str, Any]:
-    """Plain AdamW loop; returns median step time (first step excluded), peak working memory and final loss."""
+def hf_loss(model, batch) -> torch.Tensor:
+    """The loss as transformers computes it: full logits, then cross-entropy (what a peft user runs)."""
+    return model(**batch).loss
+
+
+def train_loop(model, batches, steps: int, lr: float, loss_fn: Callable = hf_loss) -> dict[str, Any]:
+    """Plain AdamW loop; returns median and mean step time (first step excluded), peak working memory, losses."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
@@ -89,7 +94,7 @@ def train_loop(model, batches, steps: int, lr: float) -> dict[str, Any]:
         for step in range(steps):
             batch = batches[step % len(batches)]
             t0 = time.perf_counter()
-            loss = model(**batch).loss
+            loss = loss_fn(model, batch)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -97,11 +102,40 @@ def train_loop(model, batches, steps: int, lr: float) -> dict[str, Any]:
             losses.append(float(loss.detach()))
     return {
         "median_step_s": statistics.median(times[1:] if len(times) > 1 else times),
+        "mean_step_s": statistics.mean(times[1:] if len(times) > 1 else times),
+        "losses_all": list(losses),
         "peak_step_memory_mb": (sampler.peak - before) / 2**20,
         "first_loss": losses[0],
         "final_loss": losses[-1],
         "losses": losses,
         "trainable_params": sum(p.numel() for p in params),
+    }
+
+
+def lockstep_step_times(runs: dict[str, tuple], steps: int, lr: float) -> dict[str, dict[str, float]]:
+    """Step times of several models trained in lockstep: step i of every model runs back to back, the order
+    rotating each step, so a slow spell of the shared CPU hits every model alike. `runs` maps a name to
+    (model, batches, loss_fn). The first two steps of each warm up and are not counted."""
+    optimizers = {
+        name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        for name, (model, _, _) in runs.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for step in range(steps):
+        shift = step % len(names)
+        for name in names[shift:] + names[:shift]:
+            model, batches, loss_fn = runs[name]
+            model.train()
+            t0 = time.perf_counter()
+            loss_fn(model, batches[step % len(batches)]).backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - t0)
+    counted = {name: t[2:] if len(t) > 2 else t for name, t in times.items()}
+    return {
+        name: {"median_step_s": statistics.median(t), "mean_step_s": statistics.mean(t)}
+        for name, t in counted.items()
     }
 
 
@@ -130,13 +164,17 @@ def pair(base, make_peft_config: Callable[[], Any], batches, steps: int, lr: flo
     with tempfile.TemporaryDirectory() as folder:
         peft_model.save_pretrained(folder)
         dt_model = deltatune.PeftModel.from_pretrained(copy.deepcopy(base), folder, is_trainable=True)
-    results = {}
+    results: dict[str, Any] = {}
     order = [("peft", peft_model), ("deltatune", dt_model)]
     for name, model in order[::-1] if DELTATUNE_FIRST else order:
         torch.manual_seed(0)
         results[name] = train_loop(model, batches, steps, lr)
-        del model
-    del peft_model, dt_model
+    # step time from a lockstep run (both models alternate), so CPU noise cannot favour either
+    lock = lockstep_step_times({n: (m, batches, hf_loss) for n, m in order}, steps, lr)
+    for name, _ in order:
+        results[name]["sequential_median_step_s"] = results[name]["median_step_s"]
+        results[name]["median_step_s"] = lock[name]["median_step_s"]
+    del peft_model, dt_model, order
     trim()
     p, d = results["peft"], results["deltatune"]
     results["ratio"] = {
@@ -145,6 +183,7 @@ def pair(base, make_peft_config: Callable[[], Any], batches, steps: int, lr: flo
     }
     # same start, same batches: the curves should agree to float rounding (a check on the comparison itself)
     results["max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(p.pop("losses"), d.pop("losses")))
+    p.pop("losses_all"), d.pop("losses_all")
     return results
 
 
@@ -250,6 +289,86 @@ def smollm2(steps: int, batch_size: int, seq: int) -> dict[str, Any]:
     return out
 
 
+INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
+
+
+def smollm2_instruct(batch_size: int, steps: int) -> dict[str, Any]:
+    """LoRA instruction tuning on SmolLM2: SST-2 reviews as questions, the one-word answer is the only scored
+    text (as in any instruction data, the prompt is not). Three runs from the same starting adapter over the same
+    rows, one pass each: peft; deltatune in the same loop on the same batches (the adapter layers alone); and
+    deltatune with its trainer's levers: the response-only chunked loss of deltatune.train.losses (the trainer's
+    default for causal-LM tasks) and length-grouped batches (its `group_by_length` option).
+    The mean step time over the pass compares the same work: the rows are the same, only their grouping and the
+    loss computation differ."""
+    import peft
+
+    import deltatune
+    from deltatune.models import load_model_and_tokenizer
+    from deltatune.train.data import epoch_batches
+    from deltatune.train.losses import causal_lm_loss
+    from deltatune.train.tasks import CausalLMTask
+
+    base, tok = load_model_and_tokenizer(SMOLLM, task="causal-lm")
+    task = CausalLMTask(tok, max_length=256)
+    rows = [
+        {"instruction": INSTRUCTION, "input": s, "output": "positive" if y else "negative"}
+        for s, y in sst2_rows(batch_size * steps, seed=1)
+    ]
+    features = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in task.prepare(rows)]
+    lengths = [len(f["input_ids"]) for f in features]
+
+    def batches(grouped: bool) -> list[dict[str, torch.Tensor]]:
+        order = epoch_batches(lengths, batch_size, seed=0, epoch=0, group_by_length=grouped)
+        return [task.collate([features[i] for i in rows]) for rows in order]
+
+    plain, grouped = batches(False), batches(True)
+    torch.manual_seed(0)
+    config = peft.LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config)
+    with tempfile.TemporaryDirectory() as folder:
+        peft_model.save_pretrained(folder)
+        same = deltatune.PeftModel.from_pretrained(copy.deepcopy(base), folder, is_trainable=True)
+        levers = deltatune.PeftModel.from_pretrained(copy.deepcopy(base), folder, is_trainable=True)
+    runs: dict[str, Any] = {}
+    plan = [
+        ("peft", peft_model, plain, hf_loss),
+        ("deltatune_same_loop", same, plain, hf_loss),
+        ("deltatune_levers", levers, grouped, causal_lm_loss),
+    ]
+    for name, model, data, loss_fn in plan:
+        torch.manual_seed(0)
+        r = train_loop(model, data, len(data), 2e-4, loss_fn)
+        r["sequential_mean_step_s"] = r["mean_step_s"]
+        tokens = sum(int(b["attention_mask"].sum()) for b in data[2:])  # the steps lockstep times
+        padded = sum(b["input_ids"].numel() for b in data)
+        r["real_tokens_timed"] = tokens
+        r["padding_fraction"] = 1 - sum(int(b["attention_mask"].sum()) for b in data) / padded
+        r["mean_loss"] = statistics.mean(r.pop("losses_all"))
+        r.pop("losses")
+        runs[name] = r
+        print("smollm2 instruct", name, json.dumps(r), flush=True)
+    # step times from a lockstep pass over the same batches (the models alternate step by step)
+    lock = lockstep_step_times({n: (m, d, f) for n, m, d, f in plan}, len(plain), 2e-4)
+    for name, r in ((n, runs[n]) for n, *_ in plan):
+        r["mean_step_s"] = lock[name]["mean_step_s"]
+        r["tokens_per_s"] = r.pop("real_tokens_timed") / (r["mean_step_s"] * (len(plain) - 2))
+    del peft_model, same, levers, plan
+    trim()
+    p = runs["peft"]
+    for name in ("deltatune_same_loop", "deltatune_levers"):
+        runs[name]["ratio"] = {
+            key: runs[name][key] / p[key] for key in ("mean_step_s", "peak_step_memory_mb", "mean_loss")
+        }
+    runs["batch_size"], runs["steps"] = batch_size, len(plain)
+    runs["mean_length"], runs["scored_tokens_per_row"] = (
+        statistics.mean(lengths),
+        statistics.mean(sum(1 for y in f["labels"] if y != -100) for f in features),
+    )
+    return runs
+
+
 # --- report ---------------------------------------------------------------------------------------------
 def _fmt(x: Any, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
@@ -261,8 +380,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{result['date']}; {result['machine']}; `{result['command']}`; {result['threads']} torch thread(s); "
         f"{'deltatune' if result.get('deltatune_first') else 'peft'} trained first in each pair.",
-        "Ratios are deltatune / peft (below 1: deltatune is faster / lighter). Memory: peak RSS growth during the "
-        "training steps.",
+        "Ratios are deltatune / peft (below 1: deltatune is faster / lighter). Step time: median over a lockstep run "
+        "(the models alternate step by step, so CPU noise hits both alike). Memory (peak RSS growth during the "
+        "steps) and losses: each model's own run.",
         "",
         "| model | method | steps | peft step ms | deltatune step ms | step ratio | peft MiB | deltatune MiB "
         "| memory ratio | first loss | peft final loss | deltatune final loss | loss ratio | max abs loss diff |",
@@ -306,7 +426,40 @@ def markdown(result: dict[str, Any]) -> str:
             f"| max abs logit diff, merged vs unmerged | {ip['max_abs_logit_diff_merged_vs_unmerged']:.2e} | "
             f"{idt['max_abs_logit_diff_merged_vs_unmerged']:.2e} | |",
         ]
+    lines += instruct_markdown(result.get("smollm2_instruct"))
     return "\n".join(lines) + "\n"
+
+
+def instruct_markdown(runs: dict[str, Any] | None) -> list[str]:
+    if not runs:
+        return []
+    if "error" in runs:
+        return ["", f"SmolLM2 instruction part failed: {runs['error']}"]
+    lines = [
+        "",
+        f"SmolLM2-135M LoRA instruction tuning (r=16, all linear layers): {runs['steps']} steps of "
+        f"{runs['batch_size']} SST-2 reviews as questions, one pass, same rows and starting weights in every run; "
+        f"{runs['mean_length']:.0f} tokens per row on average, {runs['scored_tokens_per_row']:.1f} of them scored "
+        "(the answer). Ratios are to peft; step time: mean over a lockstep pass (first two steps excluded).",
+        "",
+        "| run | batches | loss | mean step ms | step ratio | tokens/s | peak MiB | memory ratio | padding | mean loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    described = {
+        "peft": ("shuffled", "transformers (full logits)"),
+        "deltatune_same_loop": ("shuffled", "transformers (full logits)"),
+        "deltatune_levers": ("length-grouped", "deltatune response-only chunked"),
+    }
+    for name, (batches, loss) in described.items():
+        r = runs[name]
+        ratio = r.get("ratio", {})
+        lines.append(
+            f"| {name.replace('_', ' ')} | {batches} | {loss} | {1000 * r['mean_step_s']:.0f} "
+            f"| {_fmt(ratio.get('mean_step_s', 1.0))} | {r['tokens_per_s']:.0f} | {r['peak_step_memory_mb']:.0f} "
+            f"| {_fmt(ratio.get('peak_step_memory_mb', 1.0))} | {100 * r['padding_fraction']:.0f}% "
+            f"| {r['mean_loss']:.4f} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -315,6 +468,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--llm-steps", type=int, default=6, help="training steps of the SmolLM2 pair")
     parser.add_argument("--llm-batch", type=int, default=2)
     parser.add_argument("--llm-seq", type=int, default=64)
+    parser.add_argument("--instruct-batch", type=int, default=8)
+    parser.add_argument("--instruct-steps", type=int, default=16, help="steps (one pass) per instruction run")
+    parser.add_argument("--skip-instruct", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument("--skip-minilm", action="store_true")
@@ -343,6 +499,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["smollm2"] = smollm2(args.llm_steps, args.llm_batch, args.llm_seq)
         except Exception as err:  # noqa: BLE001 - keep the MiniLM results; report what failed
             result["smollm2"] = {"error": f"{type(err).__name__}: {err}"}
+    if not args.skip_instruct:
+        try:
+            result["smollm2_instruct"] = smollm2_instruct(args.instruct_batch, args.instruct_steps)
+        except Exception as err:  # noqa: BLE001 - keep the other results; report what failed
+            result["smollm2_instruct"] = {"error": f"{type(err).__name__}: {err}"}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "peft_compare.json"), "w") as fh:
         json.dump(result, fh, indent=2)

@@ -5,7 +5,9 @@ Measures, in one run:
    bitsandbytes keeps beside them (NF4: absmax, double-quantized absmax and its code; int8: row scales). Counted from
    the tensors, so the numbers are exact for the weights and exclude activations and allocator overhead.
 2. per training step (AdamW, batch 4 x 64 tokens, LoRA r=16 on all linear layers): the step time (median of timed
-   steps after a warm-up) and the peak resident memory of the step, each configuration in its own fresh process.
+   steps after a warm-up) and the peak resident memory of the step, each configuration in its own fresh process;
+   then LoRA (fp32) and QLoRA (NF4) at longer sequences (`--seqs`, default 128 and 512) with training tokens/s.
+   The loss is the trainer's (deltatune.train.losses: chunked, no full logits tensor), every token scored.
    Peak = highest RSS seen by a thread sampling /proc/self/statm every 1 ms during the timed steps, minus the RSS
    just before them (so it is the step's working memory: activations, gradients, optimizer state, dequantized
    weight copies). The process's RSS after setup (model + adapter, after gc and malloc_trim) is reported too.
@@ -14,7 +16,7 @@ Measures, in one run:
 The child processes start with OMP_WAIT_POLICY=PASSIVE: bitsandbytes' CPU kernels (system libgomp) and torch (its own
 libgomp) otherwise spin against each other and a 4-bit step slows down several-fold (see deltatune/quant.py).
 
-Usage: python bench/quant_memory.py [--steps 5] [--out bench/results]
+Usage: python bench/quant_memory.py [--steps 5] [--seqs 128 512] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -128,9 +130,10 @@ def trim() -> None:
         pass
 
 
-def run_config(name: str, steps: int) -> dict:
+def run_config(name: str, steps: int, seq: int = SEQ) -> dict:
     import deltatune
     from deltatune.models import load_model_and_tokenizer
+    from deltatune.train.losses import causal_lm_loss
 
     model, tok = load_model_and_tokenizer(MODEL)
     if name == "lora_bf16":
@@ -146,13 +149,14 @@ def run_config(name: str, steps: int) -> dict:
         deltatune.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     trainable, total = peft_model.get_nb_trainable_parameters()
-    text = "The film is a charming, funny and moving portrait of a family. " * 20
-    ids = tok([text] * BATCH, return_tensors="pt", truncation=True, max_length=SEQ).input_ids
+    text = "The film is a charming, funny and moving portrait of a family. " * (seq // 4)
+    ids = tok([text] * BATCH, return_tensors="pt", truncation=True, max_length=seq).input_ids
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     peft_model.train()
 
     def step() -> float:
-        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss = causal_lm_loss(peft_model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -169,6 +173,8 @@ def run_config(name: str, steps: int) -> dict:
             times.append(time.perf_counter() - t0)
     return {
         "config": name,
+        "seq": seq,
+        "tokens_per_s": BATCH * seq / statistics.median(times),
         "trainable_params": trainable,
         "rss_after_setup_mb": before / 2**20,
         "step_peak_rss_delta_mb": (sampler.peak - before) / 2**20,
@@ -180,10 +186,10 @@ def run_config(name: str, steps: int) -> dict:
     }
 
 
-def run_in_child(name: str, steps: int) -> dict:
+def run_in_child(name: str, steps: int, seq: int = SEQ) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, __file__, "--child", name, "--steps", str(steps)]
+    cmd = [sys.executable, __file__, "--child", name, "--steps", str(steps), "--seq", str(seq)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -226,7 +232,21 @@ def markdown(result: dict) -> str:
         )
     lines += [
         "",
-        f"torch {torch.__version__}, {result['device']}, OMP_WAIT_POLICY=PASSIVE in the step processes.",
+        f"## Sequence length (AdamW, batch {BATCH}, LoRA r={RANK} on all linear layers, every token scored)",
+        "",
+        "| config | tokens per step | step time (s, median) | training tokens/s | step peak RSS delta (MiB) "
+        "| RSS after setup (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result.get("seq_steps", []):
+        lines.append(
+            f"| {r['config']} | {BATCH} x {r['seq']} | {r['step_time_s_median']:.3f} | {r['tokens_per_s']:.0f} "
+            f"| {r['step_peak_rss_delta_mb']:.1f} | {r['rss_after_setup_mb']:.1f} |"
+        )
+    lines += [
+        "",
+        f"torch {torch.__version__}, {result['device']}, OMP_WAIT_POLICY=PASSIVE in the step processes; "
+        f"{result.get('date', '')}; `{result.get('command', 'python bench/quant_memory.py')}`.",
         "",
     ]
     return "\n".join(lines)
@@ -236,14 +256,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--seqs", type=int, nargs="*", default=[128, 512], help="longer sequence lengths")
+    parser.add_argument("--seq", type=int, default=SEQ, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_config(args.child, args.steps)))
+        print(json.dumps(run_config(args.child, args.steps, args.seq)))
         return
     device = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), no GPU"
-    result = {"model": MODEL, "device": device, "weights": measure_weights()}
+    result = {
+        "model": MODEL,
+        "device": device,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python bench/quant_memory.py " + " ".join(sys.argv[1:]),
+        "weights": measure_weights(),
+    }
     result["steps"] = [run_in_child(name, args.steps) for name in CONFIGS]
+    result["seq_steps"] = [
+        run_in_child(name, args.steps, seq) for seq in args.seqs for name in ("lora_fp32", "qlora_nf4")
+    ]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quant_memory.json"), "w") as fh:
         json.dump(result, fh, indent=2)

@@ -3,7 +3,12 @@
 Why: practitioners pick a method by trading trainable parameters, memory, speed and score, and published numbers
 rarely share a setting. This runs each method through the project's own Trainer on the same data, the same
 number of optimizer steps, the same batch size and seed (only the learning rate is per method, each a value
-usual for that method), and writes bench/results/bench.json, bench.md and bench.png (dev score vs trainable params).
+usual for that method), and writes bench/results/bench.json, bench.md and three plots: bench.png (dev score vs
+trainable params), bench_memory.png and bench_step_time.png.
+
+With several seeds (`--seeds 0,1,2`) the score columns give the mean and standard deviation over seeds; speed and
+memory come from the first seed, which runs alone, while the other seeds may run `jobs` at a time (they only add
+scores, so sharing the CPU does not bias anything reported).
 
 Each method runs in its own fresh Python process (unless `isolate=False`), so its peak memory (the process's
 maximum RSS on CPU, `torch.cuda.max_memory_allocated` on GPU) is its own and one failing method cannot stop the
@@ -36,7 +41,7 @@ class BenchSettings:
 
     model: str = DEFAULT_MODEL
     data_dir: str = DEFAULT_DATA
-    steps: int = 150
+    steps: int = 120
     batch_size: int = 16
     max_length: int = 64
     train_samples: int = 4000
@@ -231,6 +236,7 @@ def run_method(name: str, s: BenchSettings) -> dict[str, Any]:
     return {
         "method": name,
         "status": "ok",
+        "seed": s.seed,
         "lr": lr,
         "trainable_params": summary["trainable_params"],
         "total_params": summary["total_params"],
@@ -267,14 +273,45 @@ def _run_here(name: str, s: BenchSettings) -> dict[str, Any]:
 
 
 # --- the whole table ---------------------------------------------------------------------------------
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a method's per-seed runs: the first seed's measurements, scores as mean and std over seeds."""
+    row = dict(runs[0])
+    scored = [r for r in runs if r["status"] == "ok"]
+    if row["status"] != "ok" or len(runs) == 1:
+        return row
+    row["seeds"] = [r.get("seed") for r in scored]
+    row["seed_runs"] = [
+        {k: r.get(k) for k in ("seed", "dev_accuracy", "dev_f1_macro", "status")} for r in runs
+    ]
+    for key in ("dev_accuracy", "dev_f1_macro"):
+        values = [r[key] for r in scored]
+        row[key] = statistics.mean(values)
+        row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return row
+
+
+def _run_seeds(name: str, s: BenchSettings, seeds: list[int], isolate: bool, jobs: int) -> dict[str, Any]:
+    """The first seed alone (its speed and memory are reported), then the other seeds `jobs` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    run = _run_isolated if isolate else _run_here
+    settings = [dataclasses.replace(s, seed=seed) for seed in seeds]
+    first = run(name, settings[0])
+    with ThreadPoolExecutor(max_workers=max(1, jobs if isolate else 1)) as pool:
+        rest = list(pool.map(lambda x: run(name, x), settings[1:]))
+    return _aggregate([first, *rest])
+
+
 def run_bench(
     s: BenchSettings,
     out_dir: str,
     methods: list[str] | None = None,
     isolate: bool = True,
     log: Callable[[str], None] = print,
+    seeds: list[int] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Run the methods, write bench.json, bench.md and bench.png to `out_dir`, and return the results."""
+    """Run the methods, write bench.json, bench.md and the plots to `out_dir`, and return the results."""
     names = methods or method_names()
     unknown = sorted(set(names) - set(method_names()))
     if unknown:
@@ -288,6 +325,7 @@ def run_bench(
         "machine": _machine(),
         "command": command,
         "settings": dataclasses.asdict(s),
+        "seeds": seeds or [s.seed],
         "isolated_processes": isolate,
         "wall_time_s": 0.0,
         "majority_baseline": baseline,
@@ -297,13 +335,13 @@ def run_bench(
     os.makedirs(out_dir, exist_ok=True)
     for name in names:
         t0 = time.time()
-        row = (_run_isolated if isolate else _run_here)(name, s)
+        row = _run_seeds(name, s, seeds or [s.seed], isolate, jobs)
         row["wall_s"] = time.time() - t0
         rows.append(row)
         log(_row_line(row))
         result["wall_time_s"] = time.time() - started
         _write(result, out_dir)  # after every method, so a long run stopped midway keeps its rows
-    plot(result, os.path.join(out_dir, "bench.png"))
+    plot(result, out_dir)
     return result
 
 
@@ -331,6 +369,21 @@ def _row_line(row: dict[str, Any]) -> str:
     )
 
 
+def _seeds_text(result: dict[str, Any]) -> str:
+    seeds = result.get("seeds") or [result["settings"]["seed"]]
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return (
+        f"seeds {', '.join(map(str, seeds))} (scores: mean ± std over seeds; speed and memory: seed {seeds[0]}, "
+        "run alone)"
+    )
+
+
+def _score(row: dict[str, Any], key: str) -> str:
+    std = row.get(key + "_std")
+    return f"{row[key]:.4f}" if std is None else f"{row[key]:.4f} ± {std:.4f}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results as a markdown table, with the setting that produced them."""
     s, b = result["settings"], result["majority_baseline"]
@@ -338,7 +391,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"# deltatune bench: {s['model']} on SST-2",
         "",
         f"{result['date']}; {result['machine']}; `{result['command']}`.",
-        f"{s['steps']} steps x batch {s['batch_size']} (max_length {s['max_length']}), seed {s['seed']}, "
+        f"{s['steps']} steps x batch {s['batch_size']} (max_length {s['max_length']}), {_seeds_text(result)}, "
         f"{s['train_samples'] or 'all'} train rows, {s['eval_samples'] or 'all'} dev rows, "
         f"{s['num_threads']} torch thread(s). Peak memory: "
         + ("each method's own process (max RSS)." if result["isolated_processes"] else "one shared process."),
@@ -355,33 +408,52 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_percent']:.3f} | "
             f"{r['total_params']:,} | {r['adapter_bytes']:,} | {r['peak_memory_mb']:.0f} | "
-            f"{1000 * r['median_step_s']:.1f} | {r['tokens_per_s']:.0f} | {r['dev_accuracy']:.4f} | "
-            f"{r['dev_f1_macro']:.4f} | {r['lr']:g} |"
+            f"{1000 * r['median_step_s']:.1f} | {r['tokens_per_s']:.0f} | {_score(r, 'dev_accuracy')} | "
+            f"{_score(r, 'dev_f1_macro')} | {r['lr']:g} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], path: str) -> None:
-    """Dev accuracy against trainable parameters (log scale), one labelled point per method."""
+def plot(result: dict[str, Any], out_dir: str) -> list[str]:
+    """Three PNGs: dev accuracy vs trainable parameters (log scale), peak memory, and median step time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["methods"] if r["status"] == "ok"]
+    title = f"{result['settings']['model']} on SST-2, {result['settings']['steps']} steps"
+    paths = []
+
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
-        ax.scatter(r["trainable_params"], r["dev_accuracy"])
+        ax.errorbar(
+            r["trainable_params"], r["dev_accuracy"], yerr=r.get("dev_accuracy_std"), fmt="o", capsize=3
+        )
         ax.annotate(r["method"], (r["trainable_params"], r["dev_accuracy"]), fontsize=8)
     ax.axhline(result["majority_baseline"]["accuracy"], color="gray", linestyle="--", label="majority class")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("dev accuracy")
-    ax.set_title(f"{result['settings']['model']} on SST-2, {result['settings']['steps']} steps")
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="dev accuracy", title=title)
     ax.legend()
+    paths.append(_save(fig, os.path.join(out_dir, "bench.png")))
+
+    for key, label, name, scale in (
+        ("peak_memory_mb", "peak memory (MiB, process max RSS)", "bench_memory.png", 1),
+        ("median_step_s", "median step time (ms)", "bench_step_time.png", 1000),
+    ):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        names = [r["method"] for r in rows]
+        ax.barh(names, [scale * r[key] for r in rows], color="tab:blue")
+        ax.invert_yaxis()
+        ax.set(xlabel=label, title=title)
+        paths.append(_save(fig, os.path.join(out_dir, name)))
+    plt.close("all")
+    return paths
+
+
+def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":  # the per-method child process of run_bench

@@ -185,19 +185,31 @@ def bench(
     data_dir: str = typer.Option(
         None, help="Folder with train.tsv and dev.tsv (default: ../shared/data/sst2)."
     ),
-    steps: int = typer.Option(None, help="Optimizer steps per method (default: 150; 8 with --quick)."),
+    steps: int = typer.Option(None, help="Optimizer steps per method (default: 120; 8 with --quick)."),
     methods: str = typer.Option(None, help="Comma-separated subset of methods (default: all)."),
     out: str = typer.Option("bench/results", help="Folder for bench.json, bench.md and bench.png."),
     isolate: bool = typer.Option(True, help="Run each method in its own process (its own peak memory)."),
+    seeds: str = typer.Option(
+        "0", help="Comma-separated seeds; scores are averaged, speed is the first seed's."
+    ),
+    jobs: int = typer.Option(
+        1, help="Extra seeds run this many at a time (the first seed always runs alone)."
+    ),
 ):
-    """Train every method on the same data, steps and seed; write a JSON + markdown table and a plot."""
+    """Train every method on the same data, steps and seeds; write a JSON + markdown table and plots."""
     from deltatune.bench import BenchSettings, run_bench
 
     given = {"model": model, "data_dir": data_dir, "steps": steps}
     overrides = {k: v for k, v in given.items() if v is not None}
     settings = BenchSettings.quick(**overrides) if quick else BenchSettings(**overrides)
     chosen = [m.strip() for m in methods.split(",")] if methods else None
-    run_bench(settings, out, chosen, isolate=isolate, log=typer.echo)
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--seeds takes comma-separated integers, got {seeds!r}.") from None
+    if not seed_list:
+        raise typer.BadParameter("--seeds needs at least one seed.")
+    run_bench(settings, out, chosen, isolate=isolate, log=typer.echo, seeds=seed_list, jobs=jobs)
     typer.echo(f"results written to {os.path.abspath(out)}")
 
 

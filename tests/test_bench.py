@@ -52,7 +52,9 @@ def test_quick_bench_runs_every_method(tiny):
     out = str(tiny["root"] / "results")
     result = _bench(tiny, out, "--no-isolate", "--steps", "3")
     assert result.exit_code == 0, result.output
-    assert {"bench.json", "bench.md", "bench.png"} <= set(os.listdir(out))
+    assert {"bench.json", "bench.md", "bench.png", "bench_memory.png", "bench_step_time.png"} <= set(
+        os.listdir(out)
+    )
     with open(os.path.join(out, "bench.json")) as fh:
         report = json.load(fh)
     rows = {r["method"]: r for r in report["methods"]}
@@ -89,3 +91,22 @@ def test_isolated_methods_and_bad_input(tiny):
     assert bad.exit_code == 2 and "nope" in bad.output
     missing = CliRunner().invoke(app, ["bench", "--quick", "--data-dir", str(tiny["root"]), "--out", out])
     assert missing.exit_code == 2 and "train.tsv" in missing.output
+
+
+def test_several_seeds_average_the_scores(tiny):
+    out = str(tiny["root"] / "seeds")
+    result = _bench(tiny, out, "--methods", "lora", "--steps", "2", "--seeds", "0,1", "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    with open(os.path.join(out, "bench.json")) as fh:
+        report = json.load(fh)
+    assert report["seeds"] == [0, 1]
+    (row,) = report["methods"]
+    runs = row["seed_runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and all(r["status"] == "ok" for r in runs)
+    accuracies = [r["dev_accuracy"] for r in runs]
+    assert row["dev_accuracy"] == pytest.approx(sum(accuracies) / 2)
+    assert row["dev_accuracy_std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2**0.5)
+    assert "±" in open(os.path.join(out, "bench.md")).read()
+
+    bad = _bench(tiny, out, "--methods", "lora", "--seeds", "one")
+    assert bad.exit_code == 2 and "--seeds" in bad.output

@@ -20,6 +20,7 @@ from torch import nn
 from deltatune.config import TargetedConfig
 from deltatune.inject import find_targets, is_linear, replace_module
 from deltatune.layer import AdapterLayer
+from deltatune.methods.lora_fused import lora_linear
 
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 
@@ -224,12 +225,40 @@ class LoraLinear(LoraLayer):
         ratio = self.lora_magnitude_vector[name].float() / self._merge_norms.pop(name)
         return (weight.float() / ratio[:, None] - self.delta_weight(name).float()).to(weight.dtype)
 
+    def _can_fuse(self, x: torch.Tensor, running: list[str]) -> bool:
+        """The fused op (lora_fused.py) covers the common case: one plain LoRA adapter on a float nn.Linear, no
+        dropout at work, no autocast, one dtype throughout. Everything else takes the general path."""
+        if len(running) != 1 or self.row_adapters is not None or type(self.base_layer) is not nn.Linear:
+            return False
+        if (
+            type(self)._lora_update is not LoraLayer._lora_update
+        ):  # a subclass changes the update (UniPELT gates)
+            return False
+        name = running[0]
+        if name in self.lora_magnitude_vector or (self.dropout[name] > 0 and self.training):
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        dtype = self.base_layer.weight.dtype
+        return dtype.is_floating_point and x.dtype == dtype and self.lora_A[name].weight.dtype == dtype
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.row_adapters is not None and any(n in self.lora_magnitude_vector for n in self.row_adapters):
             raise TypeError(
                 "Mixed-adapter batches (row_adapters) do not support DoRA adapters; serve them alone."
             )
         running = self.running_adapters()
+        if self._can_fuse(x, running):
+            name = running[0]
+            base = self.base_layer
+            return lora_linear(
+                x,
+                base.weight,
+                base.bias,
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                self.scaling[name],
+            )
         if self.row_adapters is not None or not any(n in self.lora_magnitude_vector for n in running):
             return super().forward(x, *args, **kwargs)
         base_out = self.base_layer(x, *args, **kwargs)

@@ -25,6 +25,7 @@ from deltatune.train.data import (
     render_prompt,
     tokenize_instruction,
 )
+from deltatune.train.losses import causal_lm_loss
 
 TASKS = ("seq-cls", "token-cls", "causal-lm", "seq2seq", "image-cls", "custom")
 
@@ -325,14 +326,23 @@ class CausalLMTask(Task):
     def collate(self, features):
         return super().collate([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
 
+    # Score only the response tokens without building full logits (losses.py); off when logits are needed
+    # (distillation compares them with a teacher's).
+    fused_loss = True
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        tokens = int(batch["attention_mask"].sum())
+        if self.fused_loss:
+            fused = causal_lm_loss(model, batch)
+            if fused is not None:
+                return StepOutput(fused, None, None, tokens)
         logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
         logits = real_token_logits(logits, batch["labels"])
         shifted = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], 1)
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100
         )
-        return StepOutput(loss, logits, shifted, int(batch["attention_mask"].sum()))
+        return StepOutput(loss, logits, shifted, tokens)
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: Sequence[str], batch_size: int = 8) -> list[str]:

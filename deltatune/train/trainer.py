@@ -247,6 +247,8 @@ class Trainer:
         self.model.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device).eval()
+            if hasattr(self.task, "fused_loss"):
+                self.task.fused_loss = False  # distillation compares full logits with the teacher's
         if c.gradient_checkpointing:
             base = getattr(self.unwrapped, "get_base_model", lambda: self.unwrapped)()
             if not hasattr(base, "gradient_checkpointing_enable"):
