@@ -95,6 +95,14 @@ class AdapterLayer(nn.Module):
         target = self.base_layer.weight
         target.data.copy_(weight.T if self.fan_in_fan_out else weight)
 
+    def merges_additively(self, name: str) -> bool:
+        """Whether merging `name` is W + delta_weight (subclasses with another rule, like DoRA, say no)."""
+        return type(self).merged_weight is AdapterLayer.merged_weight
+
+    def _adds_in_place(self, name: str, safe_merge: bool) -> bool:
+        """A plain additive merge into a float weight can update it in place (safe_merge needs the result first)."""
+        return self.merges_additively(name) and not safe_merge and not is_quantized(self.base_layer)
+
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
         if not self.mergeable:
@@ -103,6 +111,11 @@ class AdapterLayer(nn.Module):
             )
         for name in names if names is not None else self.active_adapters:
             if name in self.merged_adapters or name not in self.adapter_names:
+                continue
+            if self._adds_in_place(name, safe_merge):  # the common case: W += delta, no copy of W
+                delta = self.delta_weight(name).to(self.base_layer.weight.dtype)
+                self.base_layer.weight.data.add_(delta.T if self.fan_in_fan_out else delta)
+                self.merged_adapters.append(name)
                 continue
             new = self.merged_weight(name, self.base_weight().clone())
             if safe_merge and not torch.isfinite(new).all():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune
 from deltatune.methods.lora import LoraLinear
@@ -76,19 +76,9 @@ def test_fused_path_steps_aside_when_it_does_not_apply():
 
 # --- the response-only chunked causal-LM loss ------------------------------------------------------------
 def _tiny_llama(**lora):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = deltatune.get_peft_model(
-        LlamaForCausalLM(config).double(), deltatune.LoraConfig(r=4, target_modules="all-linear", **lora)
-    )
+    """A tied-head Llama with non-zero LoRA factors (so the gradients reach every factor)."""
+    base = tiny_llama(vocab_size=97, tie_word_embeddings=True).train().double()
+    model = deltatune.get_peft_model(base, deltatune.LoraConfig(r=4, target_modules="all-linear", **lora))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -144,17 +134,7 @@ def test_chunked_loss_declines_models_it_cannot_serve():
     assert fused_loss_parts(_tiny_llama()) is not None
     assert fused_loss_parts(_tiny_llama(modules_to_save=["lm_head"])) is None  # trainable head
     soft_prompt = deltatune.get_peft_model(
-        LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=50,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-            )
-        ),
-        deltatune.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+        tiny_llama(vocab_size=97), deltatune.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
     )
     assert causal_lm_loss(soft_prompt, _instruction_batch()) is None  # virtual tokens: the usual path
 

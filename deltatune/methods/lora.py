@@ -210,6 +210,9 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
+    def merges_additively(self, name: str) -> bool:
+        return name not in self.lora_magnitude_vector
+
     # DoRA: W' = m / ||W + dW||_row * (W + dW); the norm is treated as a constant in backward (paper, sec. 4.3).
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if name not in self.lora_magnitude_vector:
