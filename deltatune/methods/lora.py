@@ -233,9 +233,8 @@ class LoraLinear(LoraLayer):
         dropout at work, no autocast, one dtype throughout. Everything else takes the general path."""
         if len(running) != 1 or self.row_adapters is not None or type(self.base_layer) is not nn.Linear:
             return False
-        if (
-            type(self)._lora_update is not LoraLayer._lora_update
-        ):  # a subclass changes the update (UniPELT gates)
+        # a subclass that changes the update (UniPELT's gates) needs the general path
+        if type(self)._lora_update is not LoraLayer._lora_update:
             return False
         name = running[0]
         if name in self.lora_magnitude_vector or (self.dropout[name] > 0 and self.training):

@@ -13,13 +13,18 @@ from __future__ import annotations
 import torch
 
 
+def _fused_products(flat, weight, bias, lora_a, lora_b, scaling: float):
+    """(out, x A^T) for 2-D `flat`: the base product, then the LoRA product added into the same buffer."""
+    xa = flat @ lora_a.t()
+    out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+    return out.addmm_(xa, lora_b.t(), alpha=scaling), xa
+
+
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
         flat = x.reshape(-1, x.shape[-1])
-        xa = flat @ lora_a.t()
-        out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
-        out.addmm_(xa, lora_b.t(), alpha=scaling)
+        out, xa = _fused_products(flat, weight, bias, lora_a, lora_b, scaling)
         ctx.save_for_backward(flat, weight, lora_a, lora_b, xa)
         ctx.scaling, ctx.in_shape = scaling, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -55,8 +60,6 @@ def lora_linear(
 ) -> torch.Tensor:
     """`x W^T + b + scaling * (x A^T) B^T` as one op (see the module docstring)."""
     if not torch.is_grad_enabled():  # inference: the same fused products, no graph to record
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
-        out.addmm_(flat @ lora_a.t(), lora_b.t(), alpha=scaling)
+        out, _ = _fused_products(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
     return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling)
