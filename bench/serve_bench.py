@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from deltatune import LoraConfig, get_peft_model  # noqa: E402
+from deltatune.apps.serve.batching import Engine  # noqa: E402
 from deltatune.models import resolve_model_path  # noqa: E402
-from deltatune.serve.batching import Engine  # noqa: E402
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 SST2_DEV = os.path.join(

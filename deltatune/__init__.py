@@ -4,7 +4,16 @@ import deltatune as peft
 model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules="all-linear"))
 """
 
-from deltatune.config import PeftConfig, PeftType, TaskType
+from deltatune.config import PeftConfig, TaskType
+from deltatune.errors import (
+    AdapterNotFoundError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DeltatuneError,
+    MergeError,
+    UnsupportedModelError,
+)
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.adapters import BottleneckConfig
 from deltatune.methods.bitfit import BitFitConfig
@@ -32,11 +41,20 @@ from deltatune.model import (
     get_peft_model,
 )
 from deltatune.quant import prepare_model_for_kbit_training, quantize
+from deltatune.registry import METHODS, PeftType
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
     "AdaLoraConfig",
+    "AdapterNotFoundError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DeltatuneError",
+    "MergeError",
+    "UnsupportedModelError",
     "BitFitConfig",
     "BottleneckConfig",
     "FreezeConfig",

@@ -1,5 +1,5 @@
 """`python -m deltatune ...` (and `torchrun -m deltatune train ...`) run the command-line interface."""
 
-from deltatune.cli import main
+from deltatune.apps.cli import main
 
 main()

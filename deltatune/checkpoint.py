@@ -3,6 +3,9 @@
 Keys are the model's parameter names with the adapter name removed and `base_model.model.` in front, e.g.
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; a module trained in full (`modules_to_save`) is
 stored under its own name. Only safetensors (or a legacy `.bin` read with `weights_only=True`) is ever read.
+
+Which tensors belong to an adapter is the method's call (`Method.state_dict`); this module holds the default
+rule for module-wrapping methods (`layer_entries`) and the file I/O, and knows no method.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deltatune.errors import CheckpointError
+from deltatune.hub import resolve_adapter_file
 from deltatune.layer import AdapterLayer, ModulesToSave
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -21,15 +26,9 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
-def adapter_entries(peft_model: nn.Module, adapter_name: str, config) -> dict[str, torch.Tensor]:
-    """Checkpoint key -> live tensor, for everything adapter `adapter_name` owns. This one map drives saving,
-    loading and which parameters train, so the three can never disagree."""
-    from deltatune.methods import method_for
-
-    method = method_for(config.peft_type)
-    if hasattr(method, "state_dict"):
-        return method.state_dict(peft_model, adapter_name, config)
-    model = peft_model.base_model
+def layer_entries(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, torch.Tensor]:
+    """Checkpoint key -> live tensor of adapter `adapter_name` in `model`'s adapter layers, its trained copies of
+    `modules_to_save` and, per `bias`, the base biases trained beside it."""
     entries: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
@@ -44,10 +43,26 @@ def adapter_entries(peft_model: nn.Module, adapter_name: str, config) -> dict[st
                     for sub, tensor in item.state_dict(keep_vars=True).items():
                         entries[f"{name}.{attr}.{sub}"] = tensor
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-            for sub, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                entries[f"{name}.{sub}"] = tensor
-    entries.update(trained_biases(model, getattr(config, "bias", "none")))
+            entries.update(heads_entries(module, name, adapter_name, prefix=""))
+    entries.update(trained_biases(model, bias))
     return {PREFIX + k: v for k, v in entries.items()}
+
+
+def heads_entries(
+    module: ModulesToSave, name: str, adapter_name: str, prefix: str = PREFIX
+) -> dict[str, torch.Tensor]:
+    """The trained copy of one `modules_to_save` module, under the names peft gives it."""
+    copy = module.modules_to_save[adapter_name]
+    return {f"{prefix}{name}.{sub}": t for sub, t in copy.state_dict(keep_vars=True).items()}
+
+
+def all_heads_entries(model: nn.Module, adapter_name: str, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
+    """Every trained head copy (`modules_to_save`) adapter `adapter_name` has in `model`."""
+    entries: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            entries.update(heads_entries(module, name, adapter_name, prefix))
+    return entries
 
 
 def trained_biases(model: nn.Module, bias: str) -> dict[str, torch.Tensor]:
@@ -68,20 +83,14 @@ def trained_biases(model: nn.Module, bias: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def saved_entries(peft_model: nn.Module, adapter_name: str, config) -> dict[str, torch.Tensor]:
-    """The tensors `save_pretrained` writes: the live entries, unless the method stores something else."""
-    from deltatune.methods import method_for
-
-    entries = adapter_entries(peft_model, adapter_name, config)
-    method = method_for(config.peft_type)
-    if hasattr(method, "tensors_to_save"):  # e.g. AdaLoRA stores only the ranks its allocator kept
-        entries = method.tensors_to_save(peft_model, adapter_name, config, entries)
-    return entries
+def stored_bytes(entries: dict[str, torch.Tensor]) -> int:
+    """Bytes of tensor data these entries take on disk (the safetensors header adds a few KB)."""
+    return sum(t.numel() * t.element_size() for t in entries.values())
 
 
-def save_adapter_weights(peft_model: nn.Module, adapter_name: str, config, directory: str) -> int:
-    """Write `adapter_model.safetensors`; returns the bytes written. Tensors are cloned so shared storage is fine."""
-    entries = saved_entries(peft_model, adapter_name, config)
+def write_adapter_file(entries: dict[str, torch.Tensor], directory: str) -> int:
+    """Write `adapter_model.safetensors` atomically; returns the bytes written. Tensors are cloned, so shared
+    storage is fine."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in entries.items()}
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, WEIGHTS_NAME)
@@ -91,38 +100,7 @@ def save_adapter_weights(peft_model: nn.Module, adapter_name: str, config, direc
     return os.path.getsize(path)
 
 
-def stored_bytes(peft_model: nn.Module, adapter_name: str, config) -> int:
-    """Bytes of tensor data the adapter takes on disk (the safetensors header adds a few KB)."""
-    return sum(t.numel() * t.element_size() for t in saved_entries(peft_model, adapter_name, config).values())
-
-
-def resolve_adapter_file(path: str | os.PathLike, filename: str, revision: str | None = None) -> str:
-    """A file of an adapter folder: local first, else fetched from the hub (only when online)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        candidate = os.path.join(path, filename)
-        if not os.path.isfile(candidate):
-            present = ", ".join(sorted(os.listdir(path))) or "nothing"
-            raise FileNotFoundError(
-                f"{path} has no {filename} (it holds: {present}); is it an adapter folder?"
-            )
-        return candidate
-    if os.path.exists(path):
-        raise FileNotFoundError(f"{path} is a file; pass the adapter folder that holds {filename}.")
-    looks_like_repo = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if not looks_like_repo:
-        raise FileNotFoundError(f"No adapter folder at {path!r}.")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(path, filename, revision=revision)
-    except Exception as err:  # offline, missing repo, missing file: one clear message
-        raise FileNotFoundError(
-            f"No adapter folder at {path!r}, and fetching {filename} from the hub failed ({type(err).__name__}: {err})."
-        ) from err
-
-
-def load_adapter_weights(path: str | os.PathLike, revision: str | None = None) -> dict[str, torch.Tensor]:
+def read_adapter_file(path: str | os.PathLike, revision: str | None = None) -> dict[str, torch.Tensor]:
     """Read adapter tensors safely: safetensors, or a legacy .bin with `weights_only=True` (never a pickle)."""
     try:
         file = resolve_adapter_file(path, WEIGHTS_NAME, revision)
@@ -133,29 +111,23 @@ def load_adapter_weights(path: str | os.PathLike, revision: str | None = None) -
         try:
             return torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(
+            raise CheckpointError(
                 f"Could not read {file} as plain tensors ({err}); it may be corrupt or unsafe."
             ) from err
     try:
         return load_file(file, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
+        raise CheckpointError(
             f"{file} is damaged or truncated ({err}); re-save or re-download the adapter."
         ) from err
 
 
-def apply_adapter_weights(
-    peft_model: nn.Module, adapter_name: str, config, state: dict[str, torch.Tensor]
+def copy_into(
+    entries: dict[str, torch.Tensor], state: dict[str, torch.Tensor], base_params: dict[str, torch.Tensor]
 ) -> None:
-    """Copy checkpoint tensors into the adapter's parameters, after checking every key and shape first.
-    Base-model tensors in the file (peft saves a targeted embedding's base weight) are accepted too."""
-    from deltatune.methods import method_for
-
-    check = getattr(method_for(config.peft_type), "check_loadable", None)
-    if check is not None:  # e.g. a P-tuning file cannot load into a training-mode prompt encoder
-        check(peft_model, adapter_name, config, state)
-    entries = adapter_entries(peft_model, adapter_name, config)
-    base_params = {PREFIX + n: p for n, p in peft_model.base_model.named_parameters()}
+    """Copy checkpoint tensors into the adapter's live tensors (`entries`), after checking every key and shape
+    first, so a file that does not fit changes nothing. Base-model tensors in the file (peft saves a targeted
+    embedding's base weight) are accepted when `base_params` names them."""
     missing = sorted(set(entries) - set(state))
     extra = sorted(k for k in state if k not in entries and k not in base_params)
     if missing or extra:
@@ -164,7 +136,7 @@ def apply_adapter_weights(
             lines.append(f"{len(missing)} tensors the model expects are missing, e.g. {missing[:3]}")
         if extra:
             lines.append(f"{len(extra)} tensors in the file match nothing in the model, e.g. {extra[:3]}")
-        raise ValueError(
+        raise CheckpointError(
             "The adapter does not fit this model: "
             + "; ".join(lines)
             + ". Was it trained for another base model?"
@@ -173,7 +145,7 @@ def apply_adapter_weights(
     for key, tensor in state.items():
         if tuple(targets[key].shape) != tuple(tensor.shape):
             module = key.removeprefix(PREFIX)
-            raise ValueError(
+            raise CheckpointError(
                 f"The adapter was trained for a different base: {module} has shape {tuple(tensor.shape)} in the file "
                 f"but {tuple(targets[key].shape)} in this model."
             )

@@ -13,6 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from deltatune.errors import ConfigError
+from deltatune.hub import resolve_adapter_file
+
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -27,21 +30,9 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
-class PeftType(str, enum.Enum):
-    """Method names as written in `adapter_config.json` (`peft_type`)."""
-
-    LORA = "LORA"
-    ADALORA = "ADALORA"
-    IA3 = "IA3"
-    PROMPT_TUNING = "PROMPT_TUNING"
-    P_TUNING = "P_TUNING"
-    PREFIX_TUNING = "PREFIX_TUNING"
-    BOTTLENECK = "BOTTLENECK"
-    BITFIT = "BITFIT"
-    FREEZE = "FREEZE"
-    FULL = "FULL"
-    MAM = "MAM"
-    UNIPELT = "UNIPELT"
+# peft_type -> its config class. Filled by deltatune.registry (the one list of methods) when deltatune is imported,
+# so that `PeftConfig.from_pretrained(folder)` returns the right subclass without this module importing methods.
+CONFIG_CLASSES: dict[str, type[PeftConfig]] = {}
 
 
 # Keys that peft writes and that change nothing when left at these values. Any other unknown key with a
@@ -77,7 +68,7 @@ class PeftConfig:
             self.task_type = self.task_type.value
         if self.task_type is not None and self.task_type not in TaskType._value2member_map_:
             valid = ", ".join(TaskType._value2member_map_)
-            raise ValueError(f"Unknown task_type {self.task_type!r}; use one of: {valid}.")
+            raise ConfigError(f"Unknown task_type {self.task_type!r}; use one of: {valid}.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; sets become sorted lists so the file is stable."""
@@ -100,16 +91,20 @@ class PeftConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
         """Build the right config subclass from a dict, refusing features that would be silently dropped."""
-        from deltatune.methods import config_class_for
-
         peft_type = data.get("peft_type")
-        config_cls = config_class_for(peft_type) if cls is PeftConfig else cls
+        config_cls = cls
+        if cls is PeftConfig:
+            if peft_type not in CONFIG_CLASSES:
+                raise ConfigError(
+                    f"Unknown peft_type {peft_type!r}; deltatune supports: {', '.join(sorted(CONFIG_CLASSES))}."
+                )
+            config_cls = CONFIG_CLASSES[peft_type]
         names = {f.name for f in dataclasses.fields(config_cls) if f.init}
         unknown = {k: v for k, v in data.items() if k not in names and k != "peft_type"}
         unsupported = {k: v for k, v in unknown.items() if k not in _INERT_FOREIGN_KEYS and not _is_empty(v)}
         if unsupported:
             shown = ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
-            raise ValueError(
+            raise ConfigError(
                 f"This {peft_type} adapter uses options deltatune does not support: {shown}. "
                 "Loading it without them would give wrong outputs; retrain without these options."
             )
@@ -118,18 +113,16 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, revision: str | None = None) -> PeftConfig:
         """Read `adapter_config.json` from a local folder (or a hub repo when online)."""
-        from deltatune.checkpoint import resolve_adapter_file
-
         config_file = resolve_adapter_file(path, CONFIG_NAME, revision=revision)
         try:
             with open(config_file) as fh:
                 data = json.load(fh)
         except json.JSONDecodeError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"{config_file} is not valid JSON ({err}); the adapter folder is damaged."
             ) from err
         if not isinstance(data, dict) or "peft_type" not in data:
-            raise ValueError(f"{config_file} has no 'peft_type'; it is not an adapter config.")
+            raise ConfigError(f"{config_file} has no 'peft_type'; it is not an adapter config.")
         return cls.from_dict(data)
 
 
@@ -155,4 +148,6 @@ class TargetedConfig(PeftConfig):
             if isinstance(value, (set, tuple)):
                 setattr(self, name, sorted(value))
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern only makes sense with layers_to_transform; set both or neither.")
+            raise ConfigError(
+                "layers_pattern only makes sense with layers_to_transform; set both or neither."
+            )

@@ -12,12 +12,49 @@ import copy
 import torch
 from torch import nn
 
+from deltatune.errors import ConfigError, MergeError, UnsupportedModelError
 from deltatune.inject import is_gpt2_conv1d
 from deltatune.quant import dequantize_for_merge, dequantize_weight, is_quantized, keep_standard_layout
 
 
-class AdapterLayer(nn.Module):
-    """Base of adapter layers. Subclasses implement `add(...)`, `forward`, and (if mergeable) `delta_weight`."""
+class Wrapper(nn.Module):
+    """What every module deltatune puts in place of one of the model's own shares with peft's layers: the wrapped
+    module stays reachable (`get_base_layer()`), and any attribute the wrapper lacks (`weight`, `bias`,
+    `in_features`, `out_features`, `padding_idx`, ...) is read from it, so code that inspects the model's layers
+    (T5's `wo.weight.dtype`, a ViT's patch projection, transformers' embedding resizing) sees the module it
+    expects. One rule in one place, not a property per attribute."""
+
+    wrapped_attr = "base_layer"  # the attribute holding the wrapped module
+
+    def _wrapped(self) -> nn.Module:
+        return self._modules[self.wrapped_attr]
+
+    def get_base_layer(self) -> nn.Module:
+        """The innermost original module (wrappers never nest, but peft's API follows the chain)."""
+        module = self._wrapped()
+        while isinstance(module, Wrapper):
+            module = module._wrapped()
+        return module
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or not self.__dict__.get("_modules"):
+                raise
+            try:
+                wrapped = self._wrapped()
+            except (AttributeError, KeyError):  # not built yet
+                raise AttributeError(name) from None
+            return getattr(wrapped, name)
+
+
+class AdapterLayer(Wrapper):
+    """Base of adapter layers. Subclasses implement `add(...)`, `forward`, and (if mergeable) `delta_weight`.
+
+    The public methods carry peft's names and signatures (`set_adapter`, `enable_adapters`, `delete_adapter`,
+    `merge(safe_merge, adapter_names)`, `unmerge()`, `active_adapters`, `merged`), so code written against peft's
+    `BaseTunerLayer` (transformers, diffusers, user scripts) drives deltatune layers unchanged."""
 
     adapter_attrs: tuple[str, ...] = ()
     mergeable = True
@@ -26,9 +63,9 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         keep_standard_layout(base_layer)  # bitsandbytes 4-bit: see deltatune.quant.keep_standard_layout
-        self.active_adapters: list[str] = []
+        self._active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-        self.disabled = False
+        self._disable_adapters = False
 
     # --- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -41,26 +78,45 @@ class AdapterLayer(nn.Module):
         return names
 
     @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """peft's spelling: the name when one adapter is active, else the list."""
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else self.active_adapters
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
     def running_adapters(self) -> list[str]:
         """The adapters whose contribution the forward pass must add (none when disabled or merged)."""
-        if self.disabled or self.merged:
+        if self._disable_adapters or self.merged:
             return []
-        return [a for a in self.active_adapters if a in self.adapter_names]
+        return [a for a in self._active_adapters if a in self.adapter_names]
 
-    def set_active(self, names: list[str]) -> None:
-        self.active_adapters = [n for n in names if n in self.adapter_names]
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._active_adapters = [n for n in names if n in self.adapter_names]
 
-    def delete(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise ValueError(f"Adapter {name!r} is merged into the weights; unmerge it before deleting it.")
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise MergeError(
+                f"Adapter {adapter_name!r} is merged into the weights; unmerge it before deleting it."
+            )
         for attr in self.adapter_attrs:
             container = getattr(self, attr)
-            if name in container:
-                del container[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+            if adapter_name in container:
+                del container[adapter_name]
+        self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
 
     # --- weights -------------------------------------------------------------------------------
     @property
@@ -77,7 +133,7 @@ class AdapterLayer(nn.Module):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The change adapter `name` makes to `base_weight()`, in the same layout."""
-        raise TypeError(f"{type(self).__name__} cannot be merged into the base weights.")
+        raise MergeError(f"{type(self).__name__} cannot be merged into the base weights.")
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """The base weight after merging adapter `name` (additive by default; DoRA and IA3 override)."""
@@ -88,7 +144,7 @@ class AdapterLayer(nn.Module):
 
     def _write_weight(self, weight: torch.Tensor) -> None:
         if is_quantized(self.base_layer):
-            raise TypeError(
+            raise UnsupportedModelError(
                 "The base layer is quantized (bitsandbytes); its weight cannot be overwritten in place. "
                 "Initialize the adapter (e.g. PiSSA/OLoRA) on the float model, then quantize."
             )
@@ -104,12 +160,12 @@ class AdapterLayer(nn.Module):
         return self.merges_additively(name) and not safe_merge and not is_quantized(self.base_layer)
 
     @torch.no_grad()
-    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         if not self.mergeable:
-            raise TypeError(
+            raise MergeError(
                 f"{type(self).__name__} adapters change activations, not weights, and cannot be merged."
             )
-        for name in names if names is not None else self.active_adapters:
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.merged_adapters or name not in self.adapter_names:
                 continue
             if self._adds_in_place(name, safe_merge):  # the common case: W += delta, no copy of W
@@ -119,7 +175,7 @@ class AdapterLayer(nn.Module):
                 continue
             new = self.merged_weight(name, self.base_weight().clone())
             if safe_merge and not torch.isfinite(new).all():
-                raise ValueError(
+                raise MergeError(
                     f"Merging adapter {name!r} would put NaN/inf into the weights; nothing was merged."
                 )
             if is_quantized(self.base_layer):  # merging dequantizes the layer; see deltatune/quant.py
@@ -136,7 +192,7 @@ class AdapterLayer(nn.Module):
             self._write_weight(self.unmerged_weight(name, self.base_weight().clone()))
 
 
-class ModulesToSave(nn.Module):
+class ModulesToSave(Wrapper):
     """A module trained in full (e.g. a classifier head): one trainable copy per adapter, the original untouched.
 
     State-dict names match peft's wrapper: `<name>.original_module.*` and `<name>.modules_to_save.<adapter>.*`.
@@ -147,25 +203,43 @@ class ModulesToSave(nn.Module):
         self.original_module = original
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
-        self.disabled = False
+        self._disable_adapters = False
+
+    wrapped_attr = "original_module"
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if self.active_adapter is not None else []
 
     def add(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
 
-    def set_active(self, names: list[str]) -> None:
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         chosen = [n for n in names if n in self.modules_to_save]
         if len(chosen) > 1:
-            raise ValueError(f"Only one adapter with modules_to_save can be active at a time; got {chosen}.")
+            raise ConfigError(f"Only one adapter with modules_to_save can be active at a time; got {chosen}.")
         self.active_adapter = chosen[0] if chosen else None
 
-    def delete(self, name: str) -> None:
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
-        if self.active_adapter == name:
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
             self.active_adapter = None
 
     def current(self) -> nn.Module:
-        if self.disabled or self.active_adapter is None:
+        if self._disable_adapters or self.active_adapter is None:
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
@@ -180,12 +254,12 @@ class ModulesToSave(nn.Module):
     def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Run each group of rows through its adapter's copy and put the rows back in order."""
         if len(self.row_adapters) != x.shape[0]:
-            raise ValueError(
+            raise ConfigError(
                 f"row_adapters names {len(self.row_adapters)} rows but the batch has {x.shape[0]}."
             )
         groups: dict[str | None, list[int]] = {}
         for i, name in enumerate(self.row_adapters):
-            key = name if (name in self.modules_to_save and not self.disabled) else None
+            key = name if (name in self.modules_to_save and not self._disable_adapters) else None
             groups.setdefault(key, []).append(i)
         result = None
         for name, rows in groups.items():
@@ -196,12 +270,3 @@ class ModulesToSave(nn.Module):
                 result = out.new_zeros((x.shape[0],) + out.shape[1:])
             result = result.index_copy(0, index, out)
         return result
-
-    def __getattr__(self, name: str):
-        # Let code that reads e.g. `model.classifier.weight` or `.out_features` keep working.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("__") or "original_module" not in self.__dict__.get("_modules", {}):
-                raise
-            return getattr(self.current(), name)

@@ -12,13 +12,17 @@ import warnings
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from deltatune import checkpoint
 from deltatune.config import PeftConfig
+from deltatune.errors import AdapterNotFoundError, ConfigError, MergeError, UnsupportedModelError
 from deltatune.inject import candidate_modules, find_targets, replace_module
 from deltatune.layer import AdapterLayer, ModulesToSave
-from deltatune.methods import method_for
+from deltatune.method import Method
+from deltatune.registry import method_for
+from deltatune.tuner import TunerModel
 
 # Task heads that are trained in full beside the adapter unless the user says otherwise (as in peft).
 TASK_HEADS = {
@@ -29,13 +33,32 @@ TASK_HEADS = {
 
 
 class PeftModel(nn.Module):
-    """A model with one or more adapters. Calls and unknown attributes go to the base model."""
+    """A model with one or more adapters. Calls and unknown attributes go to the base model.
+
+    As in peft, `base_model` is a tuner whose `.model` is the model passed in (for soft-prompt methods, the model
+    itself), and `get_base_model()` returns that model."""
 
     def __init__(
-        self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
-        self.base_model = model
+        if not autocast_adapter_dtype:
+            raise ConfigError(
+                "autocast_adapter_dtype=False is not supported: deltatune keeps adapter weights in float32 on a "
+                "float16/bfloat16 base (as peft does by default), which is what makes their updates stable."
+            )
+        if low_cpu_mem_usage:
+            raise ConfigError(
+                "low_cpu_mem_usage=True is not supported: deltatune creates adapter weights on the base model's "
+                "device directly. Leave it False."
+            )
+        method = method_for(peft_config.peft_type)
+        self.base_model = TunerModel(model, self) if method.wraps_base else model
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self._disabled = False
@@ -52,31 +75,43 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The user's model, with its adapted modules wrapped in place."""
+        base = self._modules["base_model"]
+        return base.model if isinstance(base, TunerModel) else base
 
     @property
-    def method(self):
-        """The module of the method in use (all adapters of one model share a method)."""
+    def method(self) -> Method:
+        """The method in use (all adapters of one model share a method)."""
         return method_for(next(iter(self.peft_config.values())).peft_type)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if hasattr(self.method, "forward"):
-            return self.method.forward(self, *args, **kwargs)
-        return self.base_model(*args, **kwargs)
+        return self.method.forward(self, *args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        if hasattr(self.method, "generate"):
-            return self.method.generate(self, *args, **kwargs)
-        return self.base_model.generate(*args, **kwargs)
+        return self.method.generate(self, *args, **kwargs)
 
     def on_optimizer_step(self, global_step: int) -> None:
-        """The trainer calls this after every optimizer step; methods that adapt while training hook in here."""
-        hook = getattr(self.method, "on_optimizer_step", None)
-        if hook is not None:
-            hook(self, global_step)
+        """The trainer calls this after every optimizer step (after `optimizer.step()`, before `zero_grad()`);
+        methods that adapt while training hook in here."""
+        self.method.on_optimizer_step(self, global_step)
 
-    def adapter_layers(self):
-        return [m for m in self.base_model.modules() if isinstance(m, (AdapterLayer, ModulesToSave))]
+    def update_and_allocate(self, global_step: int) -> None:
+        """peft's AdaLoRA spelling (`model.base_model.update_and_allocate(step)`) of `on_optimizer_step`."""
+        self.on_optimizer_step(global_step)
+
+    def adapter_layers(self) -> list[nn.Module]:
+        return [m for m in self.get_base_model().modules() if isinstance(m, (AdapterLayer, ModulesToSave))]
+
+    def adapter_entries(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Checkpoint key -> live tensor of everything adapter `adapter_name` owns (what trains, saves, loads)."""
+        config = self.peft_config[adapter_name]
+        return method_for(config.peft_type).state_dict(self, adapter_name, config)
+
+    def saved_entries(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The tensors `save_pretrained` writes for adapter `adapter_name`."""
+        config = self.peft_config[adapter_name]
+        method = method_for(config.peft_type)
+        return method.tensors_to_save(self, adapter_name, config, self.adapter_entries(adapter_name))
 
     # --- adapters ------------------------------------------------------------------------------
     @property
@@ -91,16 +126,20 @@ class PeftModel(nn.Module):
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self._active[0]]
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **_: Any) -> None:
+    def add_adapter(
+        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False
+    ) -> None:
         """Add an adapter (not active until `set_adapter`). On any error the model is left as it was."""
+        if low_cpu_mem_usage:
+            raise ConfigError("low_cpu_mem_usage=True is not supported; leave it False.")
         if adapter_name in self.peft_config:
-            raise ValueError(
+            raise ConfigError(
                 f"An adapter named {adapter_name!r} already exists; pick another name or delete it first."
             )
         if self.peft_config:
             existing = next(iter(self.peft_config.values())).peft_type
             if existing != peft_config.peft_type:
-                raise ValueError(
+                raise ConfigError(
                     f"This model holds {existing} adapters; a {peft_config.peft_type} adapter cannot join them. "
                     "Use a separate PeftModel (or merge_and_unload first)."
                 )
@@ -115,12 +154,12 @@ class PeftModel(nn.Module):
             raise
         self.peft_config[adapter_name] = config
         for layer in self.adapter_layers():
-            layer.set_active(self._active)
+            layer.set_adapter(self._active)
         self._update_trainable()
 
     def _prepare_config(self, config: PeftConfig) -> None:
         if config.base_model_name_or_path is None:
-            base_config = getattr(self.base_model, "config", None)
+            base_config = getattr(self.get_base_model(), "config", None)
             config.base_model_name_or_path = getattr(base_config, "_name_or_path", None) or None
         if hasattr(config, "modules_to_save") and config.task_type in TASK_HEADS:
             config.modules_to_save = list(
@@ -129,52 +168,45 @@ class PeftModel(nn.Module):
         targets = getattr(config, "target_modules", None)
         if isinstance(targets, (list, tuple)) and any(isinstance(t, type) for t in targets):
             # Types are a deltatune convenience; store the names they select so the JSON stays portable.
-            config.target_modules = find_targets(self.base_model, config)
+            config.target_modules = find_targets(self.get_base_model(), config)
 
     def _add_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
         wanted = getattr(config, "modules_to_save", None)
         if not wanted:
             return
+        model = self.get_base_model()
         found = False
-        for key, _module in list(candidate_modules(self.base_model)):
+        for key, _module in list(candidate_modules(model)):
             if not any(key == w or key.endswith("." + w) for w in wanted):
                 continue
-            wrapper = self.base_model.get_submodule(key)
+            wrapper = model.get_submodule(key)
             if not isinstance(wrapper, ModulesToSave):
                 if isinstance(wrapper, AdapterLayer):
-                    raise ValueError(f"{key} is both adapted and in modules_to_save; choose one.")
+                    raise ConfigError(f"{key} is both adapted and in modules_to_save; choose one.")
                 wrapper = ModulesToSave(wrapper)
-                replace_module(self.base_model, key, wrapper)
+                replace_module(model, key, wrapper)
             wrapper.add(adapter_name)
             found = True
         task_defaults = TASK_HEADS.get(config.task_type, [])
         if not found and any(w not in task_defaults for w in wanted):
-            raise ValueError(
-                f"modules_to_save={wanted} matched no module of {type(self.base_model).__name__}."
-            )
+            raise ConfigError(f"modules_to_save={wanted} matched no module of {type(model).__name__}.")
 
-    def _remove_adapter_everywhere(self, adapter_name: str, method=None) -> None:
+    def _remove_adapter_everywhere(self, adapter_name: str, method: Method | None = None) -> None:
         for layer in self.adapter_layers():
-            layer.delete(adapter_name)
+            layer.delete_adapter(adapter_name)
         method = method or (self.method if self.peft_config else None)
-        if method is not None and hasattr(
-            method, "remove"
-        ):  # parts living outside base_model (prompt encoders)
+        if method is not None:  # parts living outside the wrapped modules (prompt encoders)
             method.remove(self, adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters the ones that run (several: their outputs add up) and the ones that train."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(
-                f"No adapter named {unknown[0]!r}; this model has: {', '.join(self.peft_config)}."
-            )
-        if any(isinstance(m, AdapterLayer) and m.merged for m in self.base_model.modules()):
+        self._check_known(names)
+        if any(isinstance(m, AdapterLayer) and m.merged for m in self.get_base_model().modules()):
             warnings.warn("Adapters are merged into the weights; unmerging before switching.", stacklevel=2)
             self.unmerge_adapter()
         for layer in self.adapter_layers():
-            layer.set_active(names)
+            layer.set_adapter(names)
         self._active = names
         self._update_trainable()
 
@@ -186,35 +218,45 @@ class PeftModel(nn.Module):
             config = self.peft_config[name]
             if config.inference_mode:
                 continue
-            for tensor in checkpoint.adapter_entries(self, name, config).values():
+            for tensor in self.adapter_entries(name).values():
                 if isinstance(tensor, nn.Parameter):
                     tensor.requires_grad_(True)
 
     @contextmanager
     def disable_adapter(self):
         """Run the plain base model inside the block (merged adapters are unmerged first)."""
-        if any(isinstance(m, AdapterLayer) and m.merged for m in self.base_model.modules()):
-            raise ValueError(
+        if any(isinstance(m, AdapterLayer) and m.merged for m in self.get_base_model().modules()):
+            raise MergeError(
                 "Adapters are merged into the weights; call unmerge_adapter() before disabling them."
             )
-        layers = self.adapter_layers()
-        for layer in layers:
-            layer.disabled = True
-        self._disabled = True
+        self.disable_adapter_layers()
         try:
             yield
         finally:
-            for layer in layers:
-                layer.disabled = False
-            self._disabled = False
+            self.enable_adapter_layers()
+
+    def disable_adapter_layers(self) -> None:
+        """Run the plain base model until `enable_adapter_layers()` (peft's tuner API; see `disable_adapter`)."""
+        for layer in self.adapter_layers():
+            layer.enable_adapters(False)
+        self._disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        for layer in self.adapter_layers():
+            layer.enable_adapters(True)
+        self._disabled = False
+
+    def _check_known(self, names: list[str]) -> None:
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterNotFoundError(
+                f"No adapter named {unknown[0]!r}; this model has: {', '.join(self.peft_config)}."
+            )
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(
-                f"No adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}."
-            )
+        self._check_known([adapter_name])
         if len(self.peft_config) == 1:
-            raise ValueError("Cannot delete the only adapter; use unload() to get the base model back.")
+            raise ConfigError("Cannot delete the only adapter; use unload() to get the base model back.")
         self._remove_adapter_everywhere(adapter_name)
         del self.peft_config[adapter_name]
         if adapter_name in self._active:
@@ -223,12 +265,12 @@ class PeftModel(nn.Module):
 
     # --- merging -------------------------------------------------------------------------------
     def _weight_layers(self) -> list[AdapterLayer]:
-        return [m for m in self.base_model.modules() if isinstance(m, AdapterLayer)]
+        return [m for m in self.get_base_model().modules() if isinstance(m, AdapterLayer)]
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the adapters into the base weights (inference gets the base model's speed). All or nothing."""
-        if not getattr(self.method, "MERGEABLE", True):
-            raise ValueError(
+        if not self.method.mergeable:
+            raise MergeError(
                 f"{self.active_peft_config.peft_type} adapters change the model's inputs or activations, not its weights, so they "
                 "cannot be merged; keep the PeftModel (or use unload() to get the plain base model back)."
             )
@@ -237,7 +279,7 @@ class PeftModel(nn.Module):
         try:
             for layer in self._weight_layers():
                 before = len(layer.merged_adapters)
-                layer.merge(names, safe_merge=safe_merge)
+                layer.merge(safe_merge, names)
                 done.append((layer, len(layer.merged_adapters) - before))
         except Exception:
             for layer, count in done:
@@ -247,7 +289,7 @@ class PeftModel(nn.Module):
     def unmerge_adapter(self) -> None:
         layers = [m for m in self._weight_layers() if m.merged]
         if not layers:
-            raise ValueError("Nothing is merged, so there is nothing to unmerge.")
+            raise MergeError("Nothing is merged, so there is nothing to unmerge.")
         for layer in layers:
             layer.unmerge()
 
@@ -260,12 +302,13 @@ class PeftModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove every adapter wrapper without merging; returns the base model (with trained heads kept)."""
-        for key, module in list(self.base_model.named_modules()):
+        model = self.get_base_model()
+        for key, module in list(model.named_modules()):
             if isinstance(module, AdapterLayer):
-                replace_module(self.base_model, key, module.base_layer)
+                replace_module(model, key, module.base_layer)
             elif isinstance(module, ModulesToSave):
-                replace_module(self.base_model, key, module.current())
-        return self.base_model
+                replace_module(model, key, module.current())
+        return model
 
     # --- reports -------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -293,28 +336,48 @@ class PeftModel(nn.Module):
             "trainable_percent": 100 * trainable / total if total else 0.0,
             "active_adapters": self.active_adapters,
             "stored_bytes": {
-                name: checkpoint.stored_bytes(self, name, config) for name, config in self.peft_config.items()
+                name: checkpoint.stored_bytes(self.saved_entries(name)) for name in self.peft_config
             },
         }
 
     # --- disk ----------------------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` ("default" at the top level,
-        others in sub-folders named after them, as peft does)."""
+        others in sub-folders named after them, as peft does).
+
+        `state_dict` (what transformers' Trainer passes) supplies the values to write, keyed like this model's
+        own `state_dict()`; `is_main_process=False` writes nothing (the other ranks of a distributed run)."""
+        if not safe_serialization:
+            raise ConfigError("deltatune writes safetensors only (pickled .bin files are unsafe to load).")
+        if save_embedding_layers not in ("auto", False):
+            raise ConfigError(
+                "save_embedding_layers=True is not supported: deltatune saves the adapter's own tensors; "
+                "save a resized base model with its own save_pretrained."
+            )
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
-            raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder.")
-        for name in selected_adapters or list(self.peft_config):
-            if name not in self.peft_config:
-                raise ValueError(
-                    f"No adapter named {name!r} to save; this model has: {', '.join(self.peft_config)}."
-                )
+            raise ConfigError(f"{save_directory} is a file; save_pretrained needs a folder.")
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        self._check_known(names)
+        if not is_main_process:
+            return
+        live_names = {id(t): k for k, t in self.state_dict(keep_vars=True).items()} if state_dict else {}
+        for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
+            entries = self.saved_entries(name)
+            if state_dict:
+                entries = {k: state_dict.get(live_names.get(id(t)), t) for k, t in entries.items()}
             config = copy.copy(self.peft_config[name])
             config.inference_mode = True
-            checkpoint.save_adapter_weights(self, name, config, out)
+            checkpoint.write_adapter_file(entries, out)
             config.save_pretrained(out)
 
     @classmethod
@@ -326,19 +389,18 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: PeftConfig | None = None,
         revision: str | None = None,
-        **_: Any,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> PeftModel:
         """Load a saved adapter onto `model`. If anything does not fit, the model is returned to how it was."""
-        state = checkpoint.load_adapter_weights(model_id, revision)
+        state = checkpoint.read_adapter_file(model_id, revision)
         config = config or PeftConfig.from_pretrained(model_id, revision=revision)
         config.inference_mode = not is_trainable
         if cls is PeftModel:
             cls = TASK_MODELS.get(config.task_type, PeftModel)
-        peft_model = cls(model, config, adapter_name)
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
         try:
-            checkpoint.apply_adapter_weights(
-                peft_model, adapter_name, peft_model.peft_config[adapter_name], state
-            )
+            peft_model._load_weights(adapter_name, state)
         except Exception:
             peft_model.unload()
             raise
@@ -347,19 +409,46 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        revision: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
-        """Add a saved adapter under a new name (not activated; call `set_adapter`)."""
-        state = checkpoint.load_adapter_weights(model_id, kwargs.get("revision"))
-        config = PeftConfig.from_pretrained(model_id, revision=kwargs.get("revision"))
+        """Add a saved adapter under a new name (not activated; call `set_adapter`). For a name that exists, as
+        transformers' Trainer does when resuming, load the saved weights into that adapter instead."""
+        if not autocast_adapter_dtype or low_cpu_mem_usage:
+            raise ConfigError("autocast_adapter_dtype=False and low_cpu_mem_usage=True are not supported.")
+        state = checkpoint.read_adapter_file(model_id, revision)
+        if torch_device is not None:
+            state = {k: v.to(torch_device) for k, v in state.items()}
+        config = PeftConfig.from_pretrained(model_id, revision=revision)
         config.inference_mode = not is_trainable
+        if adapter_name in self.peft_config:
+            if type(config) is not type(self.peft_config[adapter_name]):
+                raise ConfigError(
+                    f"{model_id} holds a {config.peft_type} adapter; it cannot load into adapter {adapter_name!r} "
+                    f"({self.peft_config[adapter_name].peft_type}). Pick another adapter_name."
+                )
+            self._load_weights(adapter_name, state)
+            return
         self.add_adapter(adapter_name, config)
         try:
-            checkpoint.apply_adapter_weights(self, adapter_name, self.peft_config[adapter_name], state)
+            self._load_weights(adapter_name, state)
         except Exception:
             self._remove_adapter_everywhere(adapter_name)
             del self.peft_config[adapter_name]
             raise
+
+    def _load_weights(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        """Check a file's tensors against the adapter as built, then copy them in (all or nothing)."""
+        config = self.peft_config[adapter_name]
+        method_for(config.peft_type).check_loadable(self, adapter_name, config, state)
+        base_params = {checkpoint.PREFIX + n: p for n, p in self.get_base_model().named_parameters()}
+        checkpoint.copy_into(self.adapter_entries(adapter_name), state, base_params)
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -397,16 +486,32 @@ TASK_MODELS = {
 
 
 def get_peft_model(
-    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
     """Wrap `model` with a new adapter described by `peft_config` (the model is changed in place)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"get_peft_model needs a torch.nn.Module, got {type(model).__name__}.")
+        raise UnsupportedModelError(f"get_peft_model needs a torch.nn.Module, got {type(model).__name__}.")
     if isinstance(model, PeftModel):
-        raise TypeError("This model already has adapters; use model.add_adapter(name, config) instead.")
+        raise UnsupportedModelError(
+            "This model already has adapters; use model.add_adapter(name, config) instead."
+        )
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(
             f"peft_config must be a deltatune config (e.g. LoraConfig), got {type(peft_config).__name__}."
         )
+    if mixed:
+        raise ConfigError(
+            "mixed=True (peft's PeftMixedModel, adapters of different methods in one model) is not supported; "
+            "use one method per PeftModel."
+        )
+    if revision is not None:
+        peft_config = copy.copy(peft_config)
+        peft_config.revision = revision
     cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name, **kwargs)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)

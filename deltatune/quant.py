@@ -42,7 +42,7 @@ QUANT_TYPES = ("nf4", "fp4", "int8")
 _BNB_LAYERS = ("Linear4bit", "Linear8bitLt")
 
 
-def _bnb():
+def require_bitsandbytes():
     try:
         import bitsandbytes
     except ImportError as err:  # optional dependency
@@ -85,7 +85,7 @@ def quantize(
     skip: module names left in full precision (suffix match, as target_modules); default: the output head.
     int8_threshold: LLM.int8() outlier threshold (activations above it run in float); 0 disables the split.
     """
-    bnb = _bnb()
+    bnb = require_bitsandbytes()
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"Unknown quant_type {quant_type!r}; use one of: {', '.join(QUANT_TYPES)}.")
     if any(hasattr(m, "base_layer") for m in model.modules()):
@@ -215,7 +215,7 @@ def keep_standard_layout(module: nn.Module) -> None:
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) float weight a bitsandbytes layer computes with, via bitsandbytes' own dequantization."""
-    bnb = _bnb()
+    bnb = require_bitsandbytes()
     weight = module.weight
     if type(weight).__name__ == "Params4bit":
         if weight.quant_state is None:  # not quantized yet (still on the meta/initial device)

@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
-from conftest import ids, randomize_adapter, tiny_cnn, tiny_llama
+from helpers import ids, randomize_adapter, tiny_cnn, tiny_llama
 
 from deltatune import AdaLoraConfig, PeftModel, get_peft_model
-from deltatune.checkpoint import adapter_entries, apply_adapter_weights
 from deltatune.methods.adalora import RankAllocator, current_ranks, orthogonality_penalty
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -36,7 +35,7 @@ def peft_entries(model):
 
 
 def copy_peft_into_ours(src, dst):
-    apply_adapter_weights(dst, "default", dst.peft_config["default"], peft_entries(src))
+    dst._load_weights("default", peft_entries(src))
 
 
 def batch(step, length=9):
@@ -47,7 +46,7 @@ def batch(step, length=9):
 def test_state_dict_keys_and_shapes_match_peft():
     mine, ref = ours(), theirs()
     ref_sd = peft_entries(ref)
-    my_sd = adapter_entries(mine, "default", mine.peft_config["default"])
+    my_sd = mine.adapter_entries("default")
     assert sorted(my_sd) == sorted(ref_sd)
     assert all(tuple(my_sd[k].shape) == tuple(ref_sd[k].shape) for k in ref_sd)
     assert not any("ranknum" in k for k in my_sd)
@@ -194,7 +193,7 @@ def test_save_writes_pruned_ranks_and_rank_pattern(tmp_path):
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     x = ids()
     torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-6, rtol=0)
-    layer = loaded.base_model.model.layers[0].self_attn.q_proj
+    layer = loaded.get_base_model().model.layers[0].self_attn.q_proj
     assert layer.r["default"] == sum(pattern["model.layers.0.self_attn.q_proj.lora_E"])
     assert layer.ranknum["default"] == 6.0  # the scale keeps the initial rank, as in peft
 

@@ -8,11 +8,11 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import sentiment_rows, word_tokenizer, write_csv
 from typer.testing import CliRunner
 
-from deltatune.bench import method_names
-from deltatune.cli import app
-from tests.train_helpers import sentiment_rows, word_tokenizer, write_csv
+from deltatune.apps.bench import method_names
+from deltatune.apps.cli import app
 
 
 @pytest.fixture(scope="module")

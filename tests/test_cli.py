@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 import yaml
-from train_helpers import sentiment_rows, tiny_bert_folder, write_csv
+from helpers import sentiment_rows, tiny_bert_folder, write_csv
 from typer.testing import CliRunner
 
-from deltatune.cli import app
+from deltatune.apps.cli import app
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 runner = CliRunner()
@@ -235,7 +235,7 @@ def test_two_process_ddp_matches_one_process(workdir, tmp_path):
 
 
 def test_causal_lm_instruction_recipe_trains_evaluates_and_generates(tmp_path):
-    from train_helpers import tiny_llama_folder
+    from helpers import tiny_llama_folder
 
     tiny_llama_folder(str(tmp_path / "llama"))
     rows = [
@@ -294,11 +294,9 @@ def _write(tmp_path, recipe):
     ],
 )
 def test_every_registered_method_trains_from_a_recipe(workdir, tmp_path, method):
-    from deltatune.methods import REGISTRY
-    from deltatune.train.recipe import METHOD_ALIASES
+    from deltatune.registry import resolve_variant
 
-    if METHOD_ALIASES[method][0] not in REGISTRY:
-        pytest.skip(f"{method} is not registered")
+    peft_type = resolve_variant(method)[0].peft_type
     result = cli(
         "train",
         workdir / "recipe.yaml",
@@ -313,4 +311,4 @@ def test_every_registered_method_trains_from_a_recipe(workdir, tmp_path, method)
     )
     assert result.exit_code == 0, result.output
     config = json.load(open(tmp_path / "run" / "adapter_config.json"))
-    assert config["peft_type"] == METHOD_ALIASES[method][0]
+    assert config["peft_type"] == peft_type

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ids, randomize_adapter, tiny_llama, tiny_mlp
+from helpers import ids, randomize_adapter, tiny_llama, tiny_mlp
 from torch import nn
 
 import deltatune as dt

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from helpers import tiny_llama
 from torch import nn
 
 import deltatune
-from deltatune.methods.lora import LoraLinear
-from deltatune.methods.lora_fused import lora_linear
+from deltatune.methods.lora.fused import can_fuse, lora_linear
 from deltatune.train.losses import causal_lm_loss, fused_loss_parts
 from deltatune.train.tasks import CausalLMTask
 
@@ -50,7 +49,7 @@ def test_fused_path_is_taken_and_equals_the_general_path(monkeypatch):
     x = torch.randn(3, 5, 8, dtype=torch.float64)
     assert "LoraLinearFunction" in type(model(x).grad_fn).__name__  # the last layer is a LoRA Linear
     fused_out, fused_grads = _outputs_and_grads(model, x)
-    monkeypatch.setattr(LoraLinear, "_can_fuse", lambda self, x, running: False)
+    monkeypatch.setattr("deltatune.methods.lora.layers.can_fuse", lambda layer, x, running: False)
     plain_out, plain_grads = _outputs_and_grads(model, x)
     torch.testing.assert_close(fused_out, plain_out, rtol=0, atol=1e-12)
     assert fused_grads.keys() == plain_grads.keys() and len(fused_grads) == 4
@@ -62,16 +61,16 @@ def test_fused_path_is_taken_and_equals_the_general_path(monkeypatch):
 
 
 def test_fused_path_steps_aside_when_it_does_not_apply():
-    layer = _mlp_with_lora(lora_dropout=0.1).base_model[0]
+    layer = _mlp_with_lora(lora_dropout=0.1).get_base_model()[0]
     x = torch.randn(2, 8, dtype=torch.float64)
-    assert not layer._can_fuse(x, layer.running_adapters())  # dropout at work while training
+    assert not can_fuse(layer, x, layer.running_adapters())  # dropout at work while training
     layer.eval()
-    assert layer._can_fuse(x, layer.running_adapters())
-    assert not layer._can_fuse(x.float(), layer.running_adapters())  # dtypes differ
+    assert can_fuse(layer, x, layer.running_adapters())
+    assert not can_fuse(layer, x.float(), layer.running_adapters())  # dtypes differ
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer._can_fuse(x, layer.running_adapters())
-    dora = _mlp_with_lora(use_dora=True).base_model[0]
-    assert not dora._can_fuse(x, dora.running_adapters())
+        assert not can_fuse(layer, x, layer.running_adapters())
+    dora = _mlp_with_lora(use_dora=True).get_base_model()[0]
+    assert not can_fuse(dora, x, dora.running_adapters())
 
 
 # --- the response-only chunked causal-LM loss ------------------------------------------------------------

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ids, randomize_adapter, tiny_bert_cls, tiny_cnn, tiny_gpt2, tiny_llama, tiny_mlp
+from helpers import ids, randomize_adapter, tiny_bert_cls, tiny_cnn, tiny_gpt2, tiny_llama, tiny_mlp
 from torch import nn
 
 import deltatune as dt
@@ -91,8 +91,8 @@ def test_exactly_lora_params_train():
     head = [n for n in trainable if ".classifier.modules_to_save.default." in n]
     assert len(lora) == 2 * 2  # A and B in two layers
     assert head == [
-        "base_model.classifier.modules_to_save.default.bias",
-        "base_model.classifier.modules_to_save.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias",
+        "base_model.model.classifier.modules_to_save.default.weight",
     ]
     assert sorted(lora + head) == trainable
     report = model.parameter_report()
@@ -236,8 +236,8 @@ def test_many_adapters_switch_sum_delete_and_subfolders(tmp_path):
     model.set_adapter("other")
     out_other = model(x)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        "base_model.0.lora_A.other.weight",
-        "base_model.0.lora_B.other.weight",
+        "base_model.model.0.lora_A.other.weight",
+        "base_model.model.0.lora_B.other.weight",
     }
     model.set_adapter(["default", "other"])
     torch.testing.assert_close(model(x) - base_out, (out_default - base_out) + (out_other - base_out))

@@ -7,9 +7,8 @@ import re
 import pytest
 import torch
 import yaml
-from conftest import randomize_adapter, tiny_bert_cls, tiny_llama
+from helpers import randomize_adapter, sentiment_rows, tiny_bert_cls, tiny_bert_folder, tiny_llama, write_csv
 from safetensors.torch import load_file
-from train_helpers import sentiment_rows, tiny_bert_folder, write_csv
 
 import deltatune as dt
 from deltatune.methods.unipelt import GatedBottleneckLayer, GatedLoraLinear
@@ -90,7 +89,7 @@ def test_exactly_the_intended_tensors_train(kind, factory, task):
         found |= set(pieces)
     expected = EXPECTED[kind] | ({"head"} if task == "SEQ_CLS" else set())
     assert found == expected
-    layers = model.base_model.config.num_hidden_layers
+    layers = model.get_base_model().config.num_hidden_layers
     adapters = {n.split(".adapter_down")[0] for n in names if ".adapter_down." in n}
     assert len(adapters) == layers  # one adapter per block
     if kind == "unipelt":
@@ -167,7 +166,7 @@ def test_mam_adapter_is_a_scaled_parallel_adapter():
     """MAM's FFN block computes mlp(x) + 4 * up(relu(down(x))) (the paper's scaling 4)."""
     model = wrapped("mam", tiny_llama, None)
     randomize_adapter(model)
-    block = model.base_model.model.layers[0].mlp
+    block = model.get_base_model().model.layers[0].mlp
     x = torch.randn(2, 3, 32)
     down, up = block.adapter_down["default"], block.adapter_up["default"]
     assert down.out_features == 16  # reduction_factor 2 on 32 features
@@ -180,7 +179,7 @@ def test_unipelt_gates_follow_the_paper():
     """LoRA: W x + sigmoid(g_L x) * s B A x; adapter: h + sigmoid(g_A h) * up(relu(down(h))), h the FFN output."""
     model = wrapped("unipelt", tiny_llama, None)
     randomize_adapter(model)
-    layer = model.base_model.model.layers[0]
+    layer = model.get_base_model().model.layers[0]
     q, ffn_out = layer.self_attn.q_proj, layer.mlp.down_proj
     assert isinstance(q, GatedLoraLinear) and isinstance(ffn_out, GatedBottleneckLayer)
     x = torch.randn(2, 3, 32)
@@ -223,7 +222,7 @@ def test_cli_method_table():
 def test_trains_through_the_cli(method, tmp_path):
     from typer.testing import CliRunner
 
-    from deltatune.cli import app
+    from deltatune.apps.cli import app
 
     tiny_bert_folder(str(tmp_path / "model"))
     rows = sentiment_rows(40)

@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
-from conftest import ids, randomize_adapter, tiny_bert_cls, tiny_cnn, tiny_gpt2, tiny_llama, tiny_mlp
+from helpers import ids, randomize_adapter, tiny_bert_cls, tiny_cnn, tiny_gpt2, tiny_llama, tiny_mlp
 from safetensors.torch import load_file
 
 import deltatune as dt
-from deltatune.methods import config_class_for
+from deltatune.registry import config_class_for
 
 TOL = 1e-5
 
@@ -119,12 +119,12 @@ def test_starts_as_base_trains_saves_loads_and_disables(case, tmp_path):
 def test_ia3_trains_only_vectors_on_default_targets():
     model = dt.get_peft_model(tiny_llama(), dt.IA3Config(task_type="CAUSAL_LM"))
     expected = {
-        f"base_model.model.layers.{i}.{m}.ia3_l.default"
+        f"base_model.model.model.layers.{i}.{m}.ia3_l.default"
         for i in range(2)
         for m in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")
     }
     assert trainable(model) == expected
-    layer = model.base_model.model.layers[0]
+    layer = model.get_base_model().model.layers[0]
     assert layer.mlp.down_proj.ia3_l["default"].shape == (1, 64)  # input scaling on the FFN
     assert layer.self_attn.k_proj.ia3_l["default"].shape == (16, 1)  # output scaling on keys
 
@@ -136,13 +136,13 @@ def test_bottleneck_placements_and_sizes():
         for place in (f"layer.{i}.attention.output.dense", f"layer.{i}.output.dense"):
             for part in ("adapter_down", "adapter_up"):
                 for kind in ("weight", "bias"):
-                    assert f"base_model.bert.encoder.{place}.{part}.default.{kind}" in names
+                    assert f"base_model.model.bert.encoder.{place}.{part}.default.{kind}" in names
     heads = {
-        "base_model.classifier.modules_to_save.default.weight",
-        "base_model.classifier.modules_to_save.default.bias",
+        "base_model.model.classifier.modules_to_save.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias",
     }
     assert len(names) == 2 * 2 * 4 + 2 and heads <= names
-    down = bert.base_model.bert.encoder.layer[0].output.dense.adapter_down["default"]
+    down = bert.get_base_model().bert.encoder.layer[0].output.dense.adapter_down["default"]
     assert (down.in_features, down.out_features) == (32, 4)
 
     pfeiffer = dt.get_peft_model(tiny_llama(), dt.BottleneckConfig(variant="pfeiffer"))
@@ -163,7 +163,7 @@ def test_bottleneck_parallel_bert_matches_formula():
     """BERT's parallel adapter: LayerNorm(FFN(x) + f(x) + x), f read from the FFN input x."""
     model = dt.get_peft_model(tiny_bert_cls(), dt.BottleneckConfig(variant="parallel", scaling=2.0))
     randomize_adapter(model, scale=0.5)
-    block = model.base_model.bert.encoder.layer[0]
+    block = model.get_base_model().bert.encoder.layer[0]
     x = torch.randn(2, 5, 32)
     inter = block.intermediate(x)
     got = block.output(inter, x)
@@ -178,9 +178,9 @@ def test_bottleneck_parallel_bert_matches_formula():
 def test_bottleneck_custom_model_named_modules():
     model = dt.get_peft_model(tiny_mlp(), dt.BottleneckConfig(target_modules=["lin0"], reduction_factor=4))
     assert trainable(model) == {
-        f"base_model.lin0.adapter_{p}.default.{k}" for p in ("down", "up") for k in ("weight", "bias")
+        f"base_model.model.lin0.adapter_{p}.default.{k}" for p in ("down", "up") for k in ("weight", "bias")
     }
-    assert model.base_model.lin0.adapter_down["default"].out_features == 8
+    assert model.get_base_model().lin0.adapter_down["default"].out_features == 8
     with pytest.raises(ValueError, match="Could not find where houlsby adapters go in MLP"):
         dt.get_peft_model(tiny_mlp(), dt.BottleneckConfig())
 
@@ -189,21 +189,21 @@ def test_bitfit_trains_only_biases_and_heads():
     model = dt.get_peft_model(tiny_bert_cls(), dt.BitFitConfig(task_type="SEQ_CLS"))
     base = tiny_bert_cls()
     biases = {
-        f"base_model.{n}"
+        f"base_model.model.{n}"
         for n, _ in base.named_parameters()
         if n.endswith(".bias") and not n.startswith("classifier")
     }
     heads = {
-        "base_model.classifier.modules_to_save.default.weight",
-        "base_model.classifier.modules_to_save.default.bias",
+        "base_model.model.classifier.modules_to_save.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias",
     }
     assert trainable(model) == biases | heads
     with_ln = dt.get_peft_model(tiny_bert_cls(), dt.BitFitConfig(include_layer_norm=True))
-    ln = {f"base_model.{n}" for n, _ in base.named_parameters() if "LayerNorm.weight" in n}
-    assert trainable(with_ln) == {b for b in biases | {"base_model.classifier.bias"}} | ln
+    ln = {f"base_model.model.{n}" for n, _ in base.named_parameters() if "LayerNorm.weight" in n}
+    assert trainable(with_ln) == {b for b in biases | {"base_model.model.classifier.bias"}} | ln
     only_query = dt.get_peft_model(tiny_bert_cls(), dt.BitFitConfig(target_modules=["query"]))
     assert trainable(only_query) == {
-        f"base_model.bert.encoder.layer.{i}.attention.self.query.bias" for i in range(2)
+        f"base_model.model.bert.encoder.layer.{i}.attention.self.query.bias" for i in range(2)
     }
 
 
@@ -212,9 +212,9 @@ def test_bitfit_without_biases_is_a_clear_error():
         dt.get_peft_model(tiny_llama(), dt.BitFitConfig())
     model = dt.get_peft_model(tiny_llama(), dt.BitFitConfig(include_layer_norm=True))
     assert trainable(model) == {
-        "base_model.model.norm.weight",
+        "base_model.model.model.norm.weight",
         *(
-            f"base_model.model.layers.{i}.{n}.weight"
+            f"base_model.model.model.layers.{i}.{n}.weight"
             for i in range(2)
             for n in ("input_layernorm", "post_attention_layernorm")
         ),
@@ -225,18 +225,20 @@ def test_freeze_trains_top_blocks_and_head():
     model = dt.get_peft_model(tiny_llama(), dt.FreezeConfig(num_trainable_layers=1))
     base = tiny_llama()
     expected = {
-        f"base_model.{n}" for n, _ in base.named_parameters() if n.startswith(("model.layers.1.", "lm_head."))
+        f"base_model.model.{n}"
+        for n, _ in base.named_parameters()
+        if n.startswith(("model.layers.1.", "lm_head."))
     }
     assert trainable(model) == expected
     named = dt.get_peft_model(
         tiny_llama(),
         dt.FreezeConfig(num_trainable_layers=0, trainable_modules=["embed_tokens"], train_head=False),
     )
-    assert trainable(named) == {"base_model.model.embed_tokens.weight"}
+    assert trainable(named) == {"base_model.model.model.embed_tokens.weight"}
     bert = dt.get_peft_model(tiny_bert_cls(), dt.FreezeConfig(num_trainable_layers=2, task_type="SEQ_CLS"))
     names = trainable(bert)
     assert all(
-        n.startswith(("base_model.bert.encoder.layer.", "base_model.classifier.modules_to_save."))
+        n.startswith(("base_model.model.bert.encoder.layer.", "base_model.model.classifier.modules_to_save."))
         for n in names
     )
     assert len(names) == 2 * 16 + 2
@@ -249,7 +251,7 @@ def test_freeze_trains_top_blocks_and_head():
 def test_full_trains_everything_and_saves_all_weights(tmp_path):
     base = tiny_gpt2()
     model = dt.get_peft_model(base, dt.FullConfig())
-    assert trainable(model) == {f"base_model.{n}" for n, _ in tiny_gpt2().named_parameters()}
+    assert trainable(model) == {f"base_model.model.{n}" for n, _ in tiny_gpt2().named_parameters()}
     model.save_pretrained(tmp_path)
     saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
     assert set(saved) == {f"base_model.model.{n}" for n, _ in tiny_gpt2().named_parameters()}
@@ -317,12 +319,12 @@ def test_ia3_merge_unmerge(make):
     randomize_adapter(model, seed=5)
     model.set_adapter(["default", "other"])
     both = logits(model, x)
-    before = {n: p.clone() for n, p in model.base_model.named_parameters() if "base_layer" in n}
+    before = {n: p.clone() for n, p in model.get_base_model().named_parameters() if "base_layer" in n}
     model.merge_adapter()
     assert max_diff(logits(model, x), both) <= TOL
     model.unmerge_adapter()
     assert max_diff(logits(model, x), both) <= TOL
-    for n, p in model.base_model.named_parameters():
+    for n, p in model.get_base_model().named_parameters():
         if n in before:
             assert max_diff(p, before[n]) <= 1e-6, n
     merged = model.merge_and_unload()
@@ -365,9 +367,9 @@ def test_bottleneck_refuses_to_merge_clearly():
     model = dt.get_peft_model(tiny_llama(), dt.BottleneckConfig())
     randomize_adapter(model)
     before = logits(model, x)
-    with pytest.raises(TypeError, match="cannot be merged"):
+    with pytest.raises(dt.MergeError, match="cannot be merged"):
         model.merge_adapter()
-    with pytest.raises(TypeError, match="cannot be merged"):
+    with pytest.raises(dt.MergeError, match="cannot be merged"):
         model.merge_and_unload()
     assert max_diff(logits(model, x), before) == 0.0  # nothing was half-merged
 
@@ -418,7 +420,7 @@ def test_bottleneck_serial_matches_formula(residual):
         )
     model = dt.get_peft_model(tiny_mlp(), config)
     randomize_adapter(model)
-    layer = model.base_model.lin0
+    layer = model.get_base_model().lin0
     h_in = torch.randn(3, 16)
     h = layer.base_layer(h_in)
     f = 0.5 * layer.adapter_up["default"](torch.tanh(layer.adapter_down["default"](h)))

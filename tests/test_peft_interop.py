@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ids, randomize_adapter, tiny_bert_cls, tiny_cnn, tiny_gpt2, tiny_llama, tiny_mlp
+from helpers import ids, randomize_adapter, tiny_bert_cls, tiny_cnn, tiny_gpt2, tiny_llama, tiny_mlp
 from safetensors.torch import load_file
 
 import deltatune as dt

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ids, randomize_adapter, tiny_bert_cls, tiny_gpt2, tiny_llama
+from helpers import ids, randomize_adapter, tiny_bert_cls, tiny_gpt2, tiny_llama
 
 import deltatune as dt
 
@@ -131,7 +131,7 @@ def test_generate_equals_greedy_loop(build, name):
 def test_generate_options(name):
     model = make(tiny_llama, causal_configs(dt)[name])
     x = ids(2, 6)
-    base_len = model.base_model.generate(x, max_length=10, do_sample=False).shape
+    base_len = model.get_base_model().generate(x, max_length=10, do_sample=False).shape
     assert model.generate(x, max_length=10, do_sample=False).shape == base_len == (2, 10)
     assert model.generate(x, max_new_tokens=3, num_beams=2, num_return_sequences=2).shape == (4, 9)
     assert model.generate(x, max_new_tokens=3, do_sample=True, num_return_sequences=3).shape == (6, 9)
@@ -244,14 +244,14 @@ def train(model, batch, steps=40, lr=0.05):
 def test_loss_falls_causal(name):
     """Task: answer token 7 everywhere. A wider init than the default 0.02 lets 3 virtual tokens steer the output."""
     model = dt.get_peft_model(tiny_llama(initializer_range=0.2), causal_configs(dt)[name])
-    base_before = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+    base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("prompt_encoder.default.") for n in trainable)
     x, mask = padded("right", batch=2)
     labels = torch.full_like(x, 7).masked_fill(mask == 0, -100)
     losses = train(model, {"input_ids": x, "attention_mask": mask, "labels": labels}, steps=30, lr=0.1)
     assert losses[-1] < 0.5 * losses[0], losses
-    for key, value in model.base_model.state_dict().items():
+    for key, value in model.get_base_model().state_dict().items():
         assert torch.equal(value, base_before[key]), key
 
 

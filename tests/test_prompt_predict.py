@@ -6,10 +6,10 @@ import os
 
 import pytest
 import yaml
-from conftest import smollm2_path
+from helpers import smollm2_path
 from typer.testing import CliRunner
 
-from deltatune.cli import app
+from deltatune.apps.cli import app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [
@@ -34,7 +34,7 @@ def run_cli(*args, input=None):
 def test_prompt_tuning_causal_lm_trains_and_predicts_on_a_tiny_llama(tmp_path):
     """Fast guard for the same path: TEXT init takes the run's tokenizer, the loss skips the virtual tokens'
     logits, and predict generates with the soft prompt."""
-    from train_helpers import tiny_llama_folder
+    from helpers import tiny_llama_folder
 
     tiny_llama_folder(str(tmp_path / "llama"))
     rows = [

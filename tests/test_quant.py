@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import ids, tiny_llama
+from helpers import ids, tiny_llama
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -144,14 +144,14 @@ def test_lora_trains_on_quantized_base(quant_type):
     peft_model = get_peft_model(model, config)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    layer = peft_model.base_model.model.layers[0].self_attn.q_proj
+    layer = peft_model.get_base_model().model.layers[0].self_attn.q_proj
     assert is_quantized(layer.base_layer) and layer.lora_A["default"].weight.dtype == torch.float32
     losses = train_steps(peft_model)
     assert losses[-1] < 0.75 * losses[0], losses
     assert abs(losses[-1] - float_losses[-1]) < 0.05  # QLoRA tracks LoRA on the float base
     after = {
         n.replace(".base_layer", ""): m.weight
-        for n, m in peft_model.base_model.named_modules()
+        for n, m in peft_model.get_base_model().named_modules()
         if is_quantized(m)
     }
     assert all(torch.equal(before[n], after[n]) for n in before)  # the quantized base never moved
@@ -162,7 +162,7 @@ def test_bf16_compute_dtype_and_base_weight():
     q = model.model.layers[0].self_attn.q_proj
     assert q.compute_dtype == torch.bfloat16
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
-    layer = peft_model.base_model.model.layers[0].self_attn.q_proj
+    layer = peft_model.get_base_model().model.layers[0].self_attn.q_proj
     w = layer.base_weight()
     assert w.shape == (64, 64) and w.is_floating_point()
     torch.testing.assert_close(w, bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state))
@@ -242,7 +242,7 @@ def test_quantize_errors_are_clear():
     quantize(tiny_llama(), "int8")  # int8 has no such limit
     peft_model = get_peft_model(llama64(), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="quantize the base model first"):
-        quantize(peft_model.base_model, "nf4")
+        quantize(peft_model.get_base_model(), "nf4")
     kept = quantize(llama64(), "nf4", skip=["lm_head", "down_proj"])
     assert type(kept.model.layers[0].mlp.down_proj) is nn.Linear
 
@@ -277,6 +277,6 @@ def test_evaluation_does_not_cut_gradients_of_lower_layers():
         peft_model(x)
     peft_model.train()
     peft_model(input_ids=x, labels=x).loss.backward()
-    first = peft_model.base_model.model.layers[0].self_attn.q_proj
+    first = peft_model.get_base_model().model.layers[0].self_attn.q_proj
     assert not getattr(first.base_layer.weight.quant_state, "packing_format_for_cpu", False)
     assert first.lora_B["default"].weight.grad.abs().sum() > 0

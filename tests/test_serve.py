@@ -11,10 +11,10 @@ import time
 import httpx
 import pytest
 import torch
-from train_helpers import sentiment_rows, tiny_bert_folder, tiny_llama_folder
+from helpers import sentiment_rows, tiny_bert_folder, tiny_llama_folder
 
 from deltatune import IA3Config, LoraConfig, PeftModel, get_peft_model
-from deltatune.serve import Engine, ServeSettings, create_app, row_adapters
+from deltatune.apps.serve import Engine, ServeSettings, create_app, row_adapters
 
 TOKEN = "s3cret"
 CLS_ADAPTERS = ["a0", "a1", "a2", "a3"]
@@ -406,7 +406,7 @@ def test_cli_serve_starts_and_answers(folders):
 def test_cli_serve_rejects_a_bad_adapter_spec(folders):
     from typer.testing import CliRunner
 
-    from deltatune.cli import app
+    from deltatune.apps.cli import app
 
     result = CliRunner().invoke(app, ["serve", "--model", folders["base"], "--adapter", "no-equals-sign"])
     assert result.exit_code == 2
@@ -435,11 +435,11 @@ def test_served_answers_equal_deltatune_predict(tmp_path):
     import json
 
     import yaml
-    from train_helpers import write_csv
+    from helpers import write_csv
     from typer.testing import CliRunner
 
-    from deltatune.cli import app
-    from deltatune.serve import build_engine
+    from deltatune.apps.cli import app
+    from deltatune.apps.serve import build_engine
 
     base = tiny_bert_folder(str(tmp_path / "model"))
     write_csv(str(tmp_path / "train.csv"), [(t, "pos" if y else "neg") for t, y in sentiment_rows(40)])

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from train_helpers import word_tokenizer, write_csv
+from helpers import word_tokenizer, write_csv
 
 from deltatune.train.data import (
     Cleaning,

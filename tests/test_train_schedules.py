@@ -98,3 +98,17 @@ def test_optimizers(name, cls):
 def test_non_positive_lr_is_refused(lr):
     with pytest.raises(ValueError, match="must be positive"):
         make_optimizer([torch.nn.Parameter(torch.zeros(1))], "adamw", lr=lr)
+
+
+@pytest.mark.parametrize(
+    "rows,batch,world,accum", [(10, 3, 1, 1), (10, 3, 2, 1), (37, 4, 2, 3), (9, 2, 4, 2), (8, 8, 1, 3)]
+)
+def test_planned_steps_are_the_steps_the_trainer_takes(rows, batch, world, accum):
+    """One rule for the number of optimizer steps: the schedule / AdaLoRA budget plan what the trainer runs."""
+    from deltatune.train.trainer import TrainConfig, Trainer, planned_steps
+
+    config = TrainConfig(batch_size=batch, grad_accum=accum, epochs=2)
+    trainer = Trainer.__new__(Trainer)
+    trainer.config, trainer.lengths, trainer.world, trainer.rank = config, [1] * rows, world, 0
+    taken = sum(len(trainer._batches_of_epoch(epoch)) for epoch in range(2))
+    assert planned_steps(config, rows, world) == taken

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_cnn
-from train_helpers import word_tokenizer
+from helpers import tiny_cnn, word_tokenizer
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.train import (

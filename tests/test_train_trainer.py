@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama, tiny_mlp
+from helpers import tiny_llama, tiny_mlp
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.train import CausalLMTask, CustomTask, TrainConfig, Trainer
@@ -180,7 +180,7 @@ def test_distillation_pulls_the_student_toward_the_teacher(tmp_path):
 
 
 def test_bf16_autocast_on_cpu_and_gradient_checkpointing(tmp_path):
-    from train_helpers import word_tokenizer
+    from helpers import word_tokenizer
 
     tok = word_tokenizer()
     tok.chat_template = None

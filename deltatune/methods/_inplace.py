@@ -15,37 +15,15 @@ import contextlib
 import torch
 from torch import nn
 
-from deltatune.checkpoint import PREFIX
-from deltatune.layer import ModulesToSave
+from deltatune.checkpoint import PREFIX, all_heads_entries
+from deltatune.errors import ConfigError
+from deltatune.method import Method
 
 ORIGINALS = "_base_originals"
 
 
-def check_first_adapter(peft_model: nn.Module, method: str) -> None:
-    if peft_model.peft_config:
-        raise ValueError(
-            f"{method} trains the base model's own tensors, so a model holds one {method} adapter. "
-            "Use a fresh base model (a separate PeftModel) for another one."
-        )
-
-
-def heads_entries(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Checkpoint entries of the adapter's trained head copies (`modules_to_save`), named as peft names them."""
-    entries = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-            for sub, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                entries[f"{PREFIX}{name}.{sub}"] = tensor
-    return entries
-
-
-def remember_originals(peft_model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Keep a CPU copy of the values the adapter is about to train (names relative to the base model)."""
-    peft_model.__dict__[ORIGINALS] = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
-
-
 def _originals_on_device(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    base = peft_model.base_model
+    base = peft_model.get_base_model()
     originals = peft_model.__dict__.get(ORIGINALS, {})
     out = {}
     for name, tensor in originals.items():
@@ -54,17 +32,10 @@ def _originals_on_device(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def forward(peft_model: nn.Module, *args, **kwargs):
-    """The base model's forward; while disabled, with the original values substituted (autograd-safe)."""
-    if not peft_model._disabled:
-        return peft_model.base_model(*args, **kwargs)
-    return torch.func.functional_call(peft_model.base_model, _originals_on_device(peft_model), args, kwargs)
-
-
 @contextlib.contextmanager
 def _swapped_in(peft_model: nn.Module):
     """Temporarily put the original values into the live parameters (used under no_grad only)."""
-    base = peft_model.base_model
+    base = peft_model.get_base_model()
     live = {}
     try:
         for name, original in _originals_on_device(peft_model).items():
@@ -77,8 +48,45 @@ def _swapped_in(peft_model: nn.Module):
             base.get_parameter(name).data = data
 
 
-def generate(peft_model: nn.Module, *args, **kwargs):
-    if not peft_model._disabled:
-        return peft_model.base_model.generate(*args, **kwargs)
-    with torch.no_grad(), _swapped_in(peft_model):
-        return peft_model.base_model.generate(*args, **kwargs)
+class InPlaceMethod(Method):
+    """Methods whose adapter is a set of the base model's own tensors. A subclass says which (`trained_tensors`)
+    and checks its config in `inject` before calling `remember_originals`."""
+
+    peft_format = False
+    mergeable = True  # nothing to fold in: the trained values already are the weights
+
+    def trained_tensors(self, model: nn.Module, config) -> dict[str, torch.Tensor]:
+        """Parameter name (relative to the base model) -> the base tensor this adapter trains."""
+        return {}
+
+    def check_first_adapter(self, peft_model: nn.Module) -> None:
+        if peft_model.peft_config:
+            raise ConfigError(
+                f"{self.title} trains the base model's own tensors, so a model holds one {self.title} adapter. "
+                "Use a fresh base model (a separate PeftModel) for another one."
+            )
+
+    def remember_originals(self, peft_model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep a CPU copy of the values the adapter is about to train (names relative to the base model)."""
+        peft_model.__dict__[ORIGINALS] = {
+            name: t.detach().to("cpu", copy=True) for name, t in tensors.items()
+        }
+
+    def state_dict(self, peft_model: nn.Module, adapter_name: str, config) -> dict[str, torch.Tensor]:
+        model = peft_model.get_base_model()
+        entries = {PREFIX + name: t for name, t in self.trained_tensors(model, config).items()}
+        return {**entries, **all_heads_entries(model, adapter_name)}
+
+    def forward(self, peft_model: nn.Module, *args, **kwargs):
+        """The base model's forward; while disabled, with the original values substituted (autograd-safe)."""
+        if not peft_model._disabled:
+            return peft_model.base_model(*args, **kwargs)
+        base = peft_model.get_base_model()
+        return torch.func.functional_call(base, _originals_on_device(peft_model), args, kwargs)
+
+    def generate(self, peft_model: nn.Module, *args, **kwargs):
+        base = peft_model.get_base_model()
+        if not peft_model._disabled:
+            return base.generate(*args, **kwargs)
+        with torch.no_grad(), _swapped_in(peft_model):
+            return base.generate(*args, **kwargs)

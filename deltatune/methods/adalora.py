@@ -29,8 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.checkpoint import PREFIX
+from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import find_targets, is_linear, replace_module
+from deltatune.method import Method, Variant
 from deltatune.methods.lora import LoraConfig, LoraLayer
+from deltatune.quant import is_quantized
 
 _EPS = 1e-5  # peft adds this to ranknum before dividing
 
@@ -52,38 +56,38 @@ class AdaLoraConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         if self.init_lora_weights not in (True, False):
-            raise ValueError(
+            raise ConfigError(
                 f"AdaLoRA's init_lora_weights must be True or False, got {self.init_lora_weights!r}."
             )
         super().__post_init__()
         self.peft_type = "ADALORA"
         if self.use_dora:
-            raise ValueError("AdaLoRA does not support DoRA; set use_dora=False (or use LoraConfig).")
+            raise ConfigError("AdaLoRA does not support DoRA; set use_dora=False (or use LoraConfig).")
         if self.r != 8:
             warnings.warn("AdaLoRA ignores `r`; the initial rank is `init_r`.", stacklevel=3)
         if self.use_rslora or self.alpha_pattern:
             warnings.warn("AdaLoRA ignores use_rslora and alpha_pattern (as peft does).", stacklevel=3)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string.")
+            raise ConfigError("layers_to_transform cannot be used when target_modules is a regex string.")
         self._check_schedule()
 
     def _check_schedule(self) -> None:
         if self.total_step is None or self.total_step <= 0:
-            raise ValueError(
+            raise ConfigError(
                 "AdaLoRA needs total_step (the number of optimizer steps of the run), a value > 0."
             )
         if not 0 <= self.target_r <= self.init_r:
-            raise ValueError(
+            raise ConfigError(
                 f"Need 0 <= target_r <= init_r, got target_r={self.target_r}, init_r={self.init_r}."
             )
         if self.orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
+            raise ConfigError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must lie in (0, 1), got {self.beta1} and {self.beta2}.")
+            raise ConfigError(f"beta1 and beta2 must lie in (0, 1), got {self.beta1} and {self.beta2}.")
         if self.deltaT < 1:
-            raise ValueError(f"deltaT (steps between budget allocations) must be >= 1, got {self.deltaT}.")
+            raise ConfigError(f"deltaT (steps between budget allocations) must be >= 1, got {self.deltaT}.")
         if self.tinit >= self.total_step - self.tfinal:
-            raise ValueError(
+            raise ConfigError(
                 f"tinit={self.tinit}, tfinal={self.tfinal} leave no budgeting phase within total_step={self.total_step}; "
                 "decrease tinit/tfinal or increase total_step."
             )
@@ -107,9 +111,9 @@ class AdaLoraLayer(LoraLayer):
 
     def add(self, name: str, r: int, alpha: float, config: AdaLoraConfig, ranknum: int | None = None) -> None:
         if name in self.adapter_names:
-            raise ValueError(f"Adapter {name!r} already exists on this layer.")
+            raise ConfigError(f"Adapter {name!r} already exists on this layer.")
         if r < 0:
-            raise ValueError(f"AdaLoRA rank must be >= 0, got {r}.")
+            raise ConfigError(f"AdaLoRA rank must be >= 0, got {r}.")
         out_features, in_features = self._shape()
         kwargs = self._factor_kwargs()
         self.r[name] = r
@@ -161,7 +165,9 @@ class AdaLoraConv2d(AdaLoraLayer):
 
     def _shape(self) -> tuple[int, int]:
         if self.base_layer.groups != 1:
-            raise TypeError("AdaLoRA on grouped convolutions is not supported; exclude this module.")
+            raise UnsupportedModelError(
+                "AdaLoRA on grouped convolutions is not supported; exclude this module."
+            )
         return super()._shape()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -177,13 +183,11 @@ class AdaLoraConv2d(AdaLoraLayer):
 
 
 def layer_class_for(module: nn.Module) -> type[AdaLoraLayer]:
-    from deltatune.quant import is_quantized
-
     if is_linear(module) or is_quantized(module):
         return AdaLoraLayer
     if isinstance(module, nn.Conv2d):
         return AdaLoraConv2d
-    raise TypeError(
+    raise UnsupportedModelError(
         f"AdaLoRA cannot wrap a {type(module).__name__}; it supports Linear, GPT-2 Conv1D, bitsandbytes 4/8-bit "
         "Linear and Conv2d. Narrow target_modules (or use exclude_modules) to skip it."
     )
@@ -199,26 +203,26 @@ def _pattern_for(config: AdaLoraConfig, key: str, adapter_name: str) -> list[boo
     return None
 
 
-def inject(peft_model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> None:
+def inject_adalora(peft_model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> None:
     """Wrap every targeted module; a config with a rank_pattern builds the ranks the allocator kept."""
     if not config.inference_mode:
         trainable = [n for n, c in peft_model.peft_config.items() if not c.inference_mode]
         if trainable:
-            raise ValueError(
+            raise ConfigError(
                 f"AdaLoRA trains one adapter at a time and {trainable[0]!r} is trainable; "
                 "add this one with inference_mode=True (or load it with is_trainable=False)."
             )
-    model = peft_model.base_model
+    model = peft_model.get_base_model()
     wrappers = []
     for key in find_targets(model, config):
         module = model.get_submodule(key)
         if not isinstance(module, AdaLoraLayer):
             if isinstance(module, LoraLayer):
-                raise TypeError(f"{key} already carries a LoRA adapter; AdaLoRA cannot join it.")
+                raise UnsupportedModelError(f"{key} already carries a LoRA adapter; AdaLoRA cannot join it.")
             module = layer_class_for(module)(module)
         pattern = _pattern_for(config, key, adapter_name)
         if pattern is not None and len(pattern) != config.init_r:
-            raise ValueError(
+            raise ConfigError(
                 f"rank_pattern for {key} has {len(pattern)} entries but init_r={config.init_r}; the config is damaged."
             )
         rank = sum(pattern) if pattern is not None else config.init_r
@@ -230,27 +234,10 @@ def inject(peft_model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> N
         config.fan_in_fan_out = True
 
 
-def tensors_to_save(peft_model: nn.Module, adapter_name: str, config: AdaLoraConfig, entries: dict) -> dict:
-    """Keep only the rows of A/E and columns of B that the rank pattern kept (peft's file format)."""
-    if not config.rank_pattern:
-        return entries
-    out = dict(entries)
-    for key, layer in _layers(peft_model, adapter_name):
-        pattern = _pattern_for(config, key, adapter_name)
-        if pattern is None or layer.r[adapter_name] == sum(pattern):  # absent, or already pruned
-            continue
-        keep = torch.tensor(pattern, dtype=torch.bool, device=layer.lora_E[adapter_name].device)
-        prefix = f"base_model.model.{key}"
-        out[f"{prefix}.lora_A"] = layer.lora_A[adapter_name][keep]
-        out[f"{prefix}.lora_E"] = layer.lora_E[adapter_name][keep]
-        out[f"{prefix}.lora_B"] = layer.lora_B[adapter_name][:, keep]
-    return out
-
-
 def _layers(peft_model: nn.Module, adapter_name: str) -> list[tuple[str, AdaLoraLayer]]:
     return [
         (name, m)
-        for name, m in peft_model.base_model.named_modules()
+        for name, m in peft_model.get_base_model().named_modules()
         if isinstance(m, AdaLoraLayer) and adapter_name in m.lora_A
     ]
 
@@ -277,19 +264,6 @@ def orthogonality_penalty(peft_model: nn.Module, adapter_name: str) -> torch.Ten
             total = total + torch.norm(cov - eye, p="fro")
             count += 1
     return total / count if count else 0.0
-
-
-def forward(peft_model: nn.Module, *args, **kwargs):
-    """Run the model; when it returns a loss, add orth_reg_weight x the orthogonality penalty of the trained
-    adapter (as peft does, also in eval mode, so reported losses agree; skipped inside disable_adapter())."""
-    outputs = peft_model.base_model(*args, **kwargs)
-    loss = getattr(outputs, "loss", None)
-    name = _trainable_adapter(peft_model)
-    if not isinstance(loss, torch.Tensor) or name is None or peft_model._disabled:
-        return outputs
-    weight = peft_model.peft_config[name].orth_reg_weight
-    outputs.loss = loss + weight * orthogonality_penalty(peft_model, name)
-    return outputs
 
 
 # --- rank allocation ------------------------------------------------------------------------------------
@@ -410,13 +384,6 @@ def rank_allocator(peft_model: nn.Module) -> RankAllocator | None:
     return allocator
 
 
-def on_optimizer_step(peft_model: nn.Module, global_step: int) -> None:
-    """The trainer's hook: update importance scores and reallocate ranks (no-op without a trainable adapter)."""
-    allocator = rank_allocator(peft_model)
-    if allocator is not None:
-        allocator.step(peft_model, global_step)
-
-
 def current_ranks(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
     """Module name -> number of ranks in use (nonzero lambda), e.g. to watch the budget shrink."""
     return {
@@ -424,4 +391,54 @@ def current_ranks(peft_model: nn.Module, adapter_name: str = "default") -> dict[
     }
 
 
-CONFIG = AdaLoraConfig
+class AdaLoraMethod(Method):
+    """LoRA in SVD form whose rank budget is shared out across layers while training (see the module docstring)."""
+
+    peft_type = "ADALORA"
+    config_class = AdaLoraConfig
+    title = "AdaLoRA"
+    variants = {"adalora": Variant()}
+    typical_lr = 2e-3
+    recipe_defaults = {"target_modules": "all-linear"}
+
+    def inject(self, peft_model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> None:
+        inject_adalora(peft_model, config, adapter_name)
+
+    def tensors_to_save(
+        self, peft_model: nn.Module, adapter_name: str, config: AdaLoraConfig, entries: dict
+    ) -> dict:
+        """Keep only the rows of A/E and columns of B that the rank pattern kept (peft's file format)."""
+        if not config.rank_pattern:
+            return entries
+        out = dict(entries)
+        for key, layer in _layers(peft_model, adapter_name):
+            pattern = _pattern_for(config, key, adapter_name)
+            if pattern is None or layer.r[adapter_name] == sum(pattern):  # absent, or already pruned
+                continue
+            keep = torch.tensor(pattern, dtype=torch.bool, device=layer.lora_E[adapter_name].device)
+            prefix = f"{PREFIX}{key}"
+            out[f"{prefix}.lora_A"] = layer.lora_A[adapter_name][keep]
+            out[f"{prefix}.lora_E"] = layer.lora_E[adapter_name][keep]
+            out[f"{prefix}.lora_B"] = layer.lora_B[adapter_name][:, keep]
+        return out
+
+    def forward(self, peft_model: nn.Module, *args, **kwargs):
+        """Run the model; when it returns a loss, add orth_reg_weight x the orthogonality penalty of the trained
+        adapter (as peft does, also in eval mode, so reported losses agree; skipped inside disable_adapter())."""
+        outputs = peft_model.base_model(*args, **kwargs)
+        loss = getattr(outputs, "loss", None)
+        name = _trainable_adapter(peft_model)
+        if not isinstance(loss, torch.Tensor) or name is None or peft_model._disabled:
+            return outputs
+        weight = peft_model.peft_config[name].orth_reg_weight
+        outputs.loss = loss + weight * orthogonality_penalty(peft_model, name)
+        return outputs
+
+    def on_optimizer_step(self, peft_model: nn.Module, global_step: int) -> None:
+        """Update importance scores and reallocate ranks (no-op without a trainable adapter)."""
+        allocator = rank_allocator(peft_model)
+        if allocator is not None:
+            allocator.step(peft_model, global_step)
+
+
+METHOD = AdaLoraMethod()

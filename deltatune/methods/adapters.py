@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import TargetedConfig
+from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import candidate_modules, find_targets, is_linear, replace_module
 from deltatune.layer import AdapterLayer
+from deltatune.method import Method, Variant
 
 VARIANTS = ("houlsby", "pfeiffer", "parallel")
 
@@ -87,15 +89,15 @@ class BottleneckConfig(TargetedConfig):
         super().__post_init__()
         self.peft_type = "BOTTLENECK"
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}.")
+            raise ConfigError(f"variant must be one of {VARIANTS}, got {self.variant!r}.")
         if self.non_linearity not in ACTIVATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}."
             )
         if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
-            raise ValueError(f"reduction_factor must be a positive number, got {self.reduction_factor!r}.")
+            raise ConfigError(f"reduction_factor must be a positive number, got {self.reduction_factor!r}.")
         if self.variant == "parallel" and not self.residual:
-            raise ValueError(
+            raise ConfigError(
                 "A parallel adapter always adds to the FFN's output; residual=False applies to serial ones."
             )
         if not self.residual:
@@ -111,7 +113,7 @@ def _features(module: nn.Module) -> tuple[int, int]:
     last linear layer's output (a Llama or GPT-2 MLP block, BERT's output block)."""
     linears = [m for m in module.modules() if is_linear(m)]
     if not linears:
-        raise TypeError(
+        raise UnsupportedModelError(
             f"A bottleneck adapter needs to know the width of {type(module).__name__}, which holds no linear layer. "
             "Target a linear layer or a block that contains one."
         )
@@ -156,7 +158,7 @@ class BottleneckLayer(AdapterLayer):
 
     def add(self, name: str, config: BottleneckConfig) -> None:
         if name in self.adapter_names:
-            raise ValueError(f"Adapter {name!r} already exists on this layer.")
+            raise ConfigError(f"Adapter {name!r} already exists on this layer.")
         in_features, out_features = _features(self.base_layer)
         if not self.parallel or self.reads_residual:
             in_features = out_features
@@ -174,8 +176,9 @@ class BottleneckLayer(AdapterLayer):
         self.non_linearity[name] = config.non_linearity
         self.residual[name] = config.residual
 
-    def delete(self, name: str) -> None:
-        super().delete(name)
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        name = adapter_name
         for table in (self.scaling, self.non_linearity, self.residual):
             table.pop(name, None)
 
@@ -217,7 +220,7 @@ def default_targets(model: nn.Module, variant: str) -> list[str]:
         found = [n for n in names if re.fullmatch(pattern, n)]
         if found:
             return found
-    raise ValueError(
+    raise ConfigError(
         f"Could not find where {variant} adapters go in {type(model).__name__} (known: BERT, RoBERTa, DistilBERT, "
         "Llama-style decoders, GPT-2). Set target_modules: the attention-output and FFN-output modules for "
         "'houlsby', the FFN-output module for 'pfeiffer', the FFN block for 'parallel'."
@@ -230,12 +233,12 @@ def _check_same_kind(model: nn.Module, parallel: bool) -> None:
     for module in model.modules():
         if isinstance(module, BottleneckLayer) and module.parallel != parallel:
             have, want = ("parallel", "serial") if module.parallel else ("serial", "parallel")
-            raise ValueError(
+            raise ConfigError(
                 f"This model holds {have} bottleneck adapters; a {want} one cannot join them. Use one kind per model."
             )
 
 
-def inject(
+def inject_adapters(
     peft_model: nn.Module,
     config: BottleneckConfig,
     adapter_name: str,
@@ -244,7 +247,7 @@ def inject(
     """Add adapter `adapter_name` at every placement, wrapping each module on first use (all or nothing).
     `layer_cls` lets a composed method (UniPELT's gated adapter) use a BottleneckLayer subclass."""
     layer_cls = layer_cls or BottleneckLayer
-    model = peft_model.base_model
+    model = peft_model.get_base_model()
     parallel = config.variant == "parallel"
     _check_same_kind(model, parallel)
     found_by_name = config.target_modules is None
@@ -264,4 +267,25 @@ def inject(
         replace_module(model, key, module)
 
 
-CONFIG = BottleneckConfig
+class BottleneckMethod(Method):
+    """Small bottleneck MLPs inserted into the network (serial after a sub-layer, or parallel beside it)."""
+
+    peft_type = "BOTTLENECK"
+    config_class = BottleneckConfig
+    title = "bottleneck adapters: Houlsby, Pfeiffer, parallel"
+    variants = {
+        "bottleneck": Variant(),
+        "adapter": Variant(),
+        "houlsby": Variant({"variant": "houlsby"}),
+        "pfeiffer": Variant({"variant": "pfeiffer"}),
+        "parallel": Variant({"variant": "parallel"}),
+    }
+    mergeable = False
+    peft_format = False
+    typical_lr = 1e-3
+
+    def inject(self, peft_model: nn.Module, config: BottleneckConfig, adapter_name: str) -> None:
+        inject_adapters(peft_model, config, adapter_name)
+
+
+METHOD = BottleneckMethod()

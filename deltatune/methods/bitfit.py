@@ -12,16 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.checkpoint import PREFIX
 from deltatune.config import PeftConfig
+from deltatune.errors import ConfigError
 from deltatune.inject import is_under, name_matches
-from deltatune.methods._inplace import (
-    check_first_adapter,
-    forward,  # noqa: F401  (method hook)
-    generate,  # noqa: F401  (method hook)
-    heads_entries,
-    remember_originals,
-)
+from deltatune.method import Variant
+from deltatune.methods._inplace import InPlaceMethod
 
 
 @dataclass
@@ -80,17 +75,25 @@ def _nothing_to_train(model: nn.Module, config: BitFitConfig) -> str:
     )
 
 
-def inject(peft_model: nn.Module, config: BitFitConfig, adapter_name: str) -> None:
-    check_first_adapter(peft_model, "BitFit")
-    tensors = trained_tensors(peft_model.base_model, config)
-    if not tensors:
-        raise ValueError(_nothing_to_train(peft_model.base_model, config))
-    remember_originals(peft_model, tensors)
+class BitFitMethod(InPlaceMethod):
+    """Train only the bias terms (and optionally the normalization weights) of the base model."""
+
+    peft_type = "BITFIT"
+    config_class = BitFitConfig
+    title = "BitFit"
+    variants = {"bitfit": Variant()}
+    typical_lr = 5e-3
+
+    def trained_tensors(self, model: nn.Module, config: BitFitConfig) -> dict[str, torch.Tensor]:
+        return trained_tensors(model, config)
+
+    def inject(self, peft_model: nn.Module, config: BitFitConfig, adapter_name: str) -> None:
+        self.check_first_adapter(peft_model)
+        model = peft_model.get_base_model()
+        tensors = trained_tensors(model, config)
+        if not tensors:
+            raise ConfigError(_nothing_to_train(model, config))
+        self.remember_originals(peft_model, tensors)
 
 
-def state_dict(peft_model: nn.Module, adapter_name: str, config: BitFitConfig) -> dict[str, torch.Tensor]:
-    entries = {PREFIX + name: t for name, t in trained_tensors(peft_model.base_model, config).items()}
-    return {**entries, **heads_entries(peft_model.base_model, adapter_name)}
-
-
-CONFIG = BitFitConfig
+METHOD = BitFitMethod()

@@ -15,16 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.checkpoint import PREFIX
 from deltatune.config import PeftConfig
+from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import candidate_modules, is_linear, is_under, name_matches
-from deltatune.methods._inplace import (
-    check_first_adapter,
-    forward,  # noqa: F401  (method hook)
-    generate,  # noqa: F401  (method hook)
-    heads_entries,
-    remember_originals,
-)
+from deltatune.method import Variant
+from deltatune.methods._inplace import InPlaceMethod
 
 
 @dataclass
@@ -48,7 +43,7 @@ class FreezeConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = "FREEZE"
         if not isinstance(self.num_trainable_layers, int) or self.num_trainable_layers < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"num_trainable_layers must be a non-negative integer, got {self.num_trainable_layers!r}."
             )
         for name in ("trainable_modules", "modules_to_save"):
@@ -74,7 +69,7 @@ def block_lists(model: nn.Module, layers_pattern: str | None) -> list[tuple[str,
         chosen = [(n, m) for n, m in lists if n == layers_pattern or n.endswith("." + layers_pattern)]
         if not chosen:
             names = ", ".join(n for n, _ in lists) or "none"
-            raise ValueError(
+            raise ConfigError(
                 f"layers_pattern={layers_pattern!r} names no ModuleList of {type(model).__name__} "
                 f"(its ModuleLists: {names})."
             )
@@ -98,13 +93,13 @@ def _selected_modules(model: nn.Module, config: FreezeConfig) -> list[str]:
     if config.num_trainable_layers:
         stacks = block_lists(model, config.layers_pattern)
         if not stacks:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(model).__name__} has no ModuleList of blocks; set num_trainable_layers=0 and name the "
                 "modules to train in trainable_modules."
             )
         for name, stack in stacks:
             if config.num_trainable_layers > len(stack):
-                raise ValueError(
+                raise ConfigError(
                     f"num_trainable_layers={config.num_trainable_layers} but {name} has {len(stack)} blocks; "
                     f"use at most {len(stack)} (or FullConfig to train everything)."
                 )
@@ -112,7 +107,7 @@ def _selected_modules(model: nn.Module, config: FreezeConfig) -> list[str]:
     if config.trainable_modules:
         found = [n for n, _ in model.named_modules() if n and name_matches(n, config.trainable_modules)]
         if not found:
-            raise ValueError(
+            raise ConfigError(
                 f"trainable_modules={config.trainable_modules!r} matched no module of {type(model).__name__}."
             )
         selected += found
@@ -141,32 +136,45 @@ def full_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
-def _tensors(model: nn.Module, config: PeftConfig) -> dict[str, torch.Tensor]:
-    return freeze_tensors(model, config) if config.peft_type == "FREEZE" else full_tensors(model)
+class FreezeMethod(InPlaceMethod):
+    """Train chosen blocks of the base model (the top k, or named modules) plus the head; freeze the rest."""
+
+    peft_type = "FREEZE"
+    config_class = FreezeConfig
+    title = "freeze (top k blocks / named modules + head)"
+    variants = {"freeze": Variant()}
+
+    def trained_tensors(self, model: nn.Module, config: FreezeConfig) -> dict[str, torch.Tensor]:
+        return freeze_tensors(model, config)
+
+    def inject(self, peft_model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        self.check_first_adapter(peft_model)
+        tensors = self.trained_tensors(peft_model.get_base_model(), config)
+        not_float = [n for n, t in tensors.items() if not t.is_floating_point()]
+        if not_float:
+            raise UnsupportedModelError(
+                f"{self.title} cannot train quantized weights ({not_float[0]} is {tensors[not_float[0]].dtype}); "
+                "load the model in float, or use LoRA on the quantized model (QLoRA)."
+            )
+        if not tensors and not getattr(config, "modules_to_save", None):
+            raise ConfigError(
+                "FREEZE selects nothing to train; set num_trainable_layers, trainable_modules, train_head or "
+                "modules_to_save."
+            )
+        self.remember_originals(peft_model, tensors)
 
 
-# --- method hooks ----------------------------------------------------------------------------------
-def inject(peft_model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
-    label = "FREEZE" if config.peft_type == "FREEZE" else "FULL fine-tuning"
-    check_first_adapter(peft_model, label)
-    tensors = _tensors(peft_model.base_model, config)
-    not_float = [n for n, t in tensors.items() if not t.is_floating_point()]
-    if not_float:
-        raise TypeError(
-            f"{label} cannot train quantized weights ({not_float[0]} is {tensors[not_float[0]].dtype}); load the "
-            "model in float, or use LoRA on the quantized model (QLoRA)."
-        )
-    if not tensors and not getattr(config, "modules_to_save", None):
-        raise ValueError(
-            "FREEZE selects nothing to train; set num_trainable_layers, trainable_modules, train_head or modules_to_save."
-        )
-    remember_originals(peft_model, tensors)
+class FullMethod(FreezeMethod):
+    """Every parameter trains: the full fine-tuning baseline, through the same adapter API."""
+
+    peft_type = "FULL"
+    config_class = FullConfig
+    title = "full fine-tuning"
+    variants = {"full": Variant()}
+
+    def trained_tensors(self, model: nn.Module, config: FullConfig) -> dict[str, torch.Tensor]:
+        return full_tensors(model)
 
 
-def state_dict(peft_model: nn.Module, adapter_name: str, config: PeftConfig) -> dict[str, torch.Tensor]:
-    entries = {PREFIX + name: t for name, t in _tensors(peft_model.base_model, config).items()}
-    return {**entries, **heads_entries(peft_model.base_model, adapter_name)}
-
-
-CONFIG = FreezeConfig
-CONFIGS = {"FREEZE": FreezeConfig, "FULL": FullConfig}
+FREEZE = FreezeMethod()
+FULL = FullMethod()

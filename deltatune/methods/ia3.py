@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig
+from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import find_targets, is_linear, replace_module
 from deltatune.layer import AdapterLayer
+from deltatune.method import Method, Variant
 
 # peft's defaults for configs that leave target_modules / feedforward_modules unset (peft/utils/constants.py),
 # keyed by `model.config.model_type`. The same defaults keep a bare IA3Config meaning the same in both libraries.
@@ -110,7 +112,7 @@ class IA3Config(PeftConfig):
             and not set(feedforward) <= set(targets)
         ):
             extra = sorted(set(feedforward) - set(targets))
-            raise ValueError(
+            raise ConfigError(
                 f"feedforward_modules must be a subset of target_modules; {extra} are not targeted. "
                 "Add them to target_modules or remove them from feedforward_modules."
             )
@@ -140,7 +142,7 @@ def _features(base: nn.Module) -> tuple[int, int]:
         return tuple(base.weight.shape)
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return base.in_channels, base.out_channels
-    raise TypeError(
+    raise UnsupportedModelError(
         f"IA3 cannot wrap a {type(base).__name__}; it supports Linear, GPT-2 Conv1D and Conv1d/2d/3d layers. "
         "Narrow target_modules (or use exclude_modules) to skip it."
     )
@@ -159,10 +161,10 @@ class IA3Layer(AdapterLayer):
 
     def add(self, name: str, is_feedforward: bool, init_weights: bool) -> None:
         if name in self.adapter_names:
-            raise ValueError(f"Adapter {name!r} already exists on this layer.")
+            raise ConfigError(f"Adapter {name!r} already exists on this layer.")
         groups = getattr(self.base_layer, "groups", 1)
         if is_feedforward and groups != 1:
-            raise TypeError(
+            raise UnsupportedModelError(
                 "IA3 input scaling on a grouped convolution is not supported; exclude this module."
             )
         size = self.in_features if is_feedforward else self.out_features
@@ -177,8 +179,9 @@ class IA3Layer(AdapterLayer):
         )
         self.is_feedforward[name] = is_feedforward
 
-    def delete(self, name: str) -> None:
-        super().delete(name)
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        name = adapter_name
         self.is_feedforward.pop(name, None)
 
     # --- forward -------------------------------------------------------------------------------
@@ -232,9 +235,9 @@ class IA3Layer(AdapterLayer):
         bias.data.copy_(new.to(bias.dtype))
 
     @torch.no_grad()
-    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         before = len(self.merged_adapters)
-        super().merge(names, safe_merge=safe_merge)
+        super().merge(safe_merge, adapter_names)
         for name in self.merged_adapters[before:]:
             self._scale_bias(name, inverse=False)
 
@@ -252,7 +255,7 @@ def _fill_defaults(model: nn.Module, config: IA3Config) -> None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if config.target_modules is None:
         if model_type not in DEFAULT_TARGET_MODULES:
-            raise ValueError(
+            raise ConfigError(
                 f"IA3 has no default target_modules for model type {model_type!r}; set target_modules (and "
                 "feedforward_modules for the layers whose input should be scaled), e.g. "
                 "IA3Config(target_modules=['k_proj', 'v_proj', 'down_proj'], feedforward_modules=['down_proj'])."
@@ -262,9 +265,9 @@ def _fill_defaults(model: nn.Module, config: IA3Config) -> None:
         config.feedforward_modules = list(DEFAULT_FEEDFORWARD_MODULES.get(model_type, []))
 
 
-def inject(peft_model: nn.Module, config: IA3Config, adapter_name: str) -> None:
+def inject_ia3(peft_model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     """Add adapter `adapter_name` to every targeted module, wrapping it on first use (all or nothing)."""
-    model = peft_model.base_model
+    model = peft_model.get_base_model()
     _fill_defaults(model, config)
     wrappers = []
     for key in find_targets(model, config):
@@ -279,4 +282,18 @@ def inject(peft_model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     config.fan_in_fan_out = any(m.fan_in_fan_out for _, m in wrappers)
 
 
-CONFIG = IA3Config
+class IA3Method(Method):
+    """Learned vectors that rescale chosen activations (Liu et al. 2022); merges into the weights."""
+
+    peft_type = "IA3"
+    config_class = IA3Config
+    title = "IA3"
+    variants = {"ia3": Variant()}
+    typical_lr = 5e-3
+    recipe_defaults = {"target_modules": "all-linear"}
+
+    def inject(self, peft_model: nn.Module, config: IA3Config, adapter_name: str) -> None:
+        inject_ia3(peft_model, config, adapter_name)
+
+
+METHOD = IA3Method()

@@ -19,16 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune import checkpoint
-from deltatune.methods import adapters, prefix
+from deltatune.checkpoint import layer_entries
+from deltatune.method import Variant
 from deltatune.methods import prompt_learning as pl
-from deltatune.methods.adapters import BottleneckConfig, BottleneckLayer
-from deltatune.methods.prefix import PrefixTuningConfig
-from deltatune.methods.prompt_learning import check_loadable, remove  # noqa: F401  (method hooks)
-
-MERGEABLE = False  # read by PeftModel.merge_adapter
-forward = prefix.forward  # method hooks: the prefixes go into the KV cache, adapters run inside the modules
-generate = prefix.generate
+from deltatune.methods.adapters import BottleneckConfig, BottleneckLayer, inject_adapters
+from deltatune.methods.prefix import PrefixTuningConfig, PrefixTuningMethod, inject_prefix
 
 
 @dataclass
@@ -75,38 +70,40 @@ def inject_prefix_and_adapter(
     layer_cls: type[BottleneckLayer] = BottleneckLayer,
 ) -> None:
     """Add the prefixes, then the adapters (as `layer_cls` layers). Used by MAM and UniPELT."""
-    prefix.inject(peft_model, config, adapter_name)
-    adapters.inject(peft_model, adapter_config, adapter_name, layer_cls=layer_cls)
+    inject_prefix(peft_model, config, adapter_name)
+    inject_adapters(peft_model, adapter_config, adapter_name, layer_cls=layer_cls)
 
 
-def inject(peft_model: nn.Module, config: MAMConfig, adapter_name: str) -> None:
-    """Method hook: prefixes on every attention layer and a parallel adapter beside every FFN. The resolved
-    placement is written back into the config, so the saved file says exactly where the adapters went."""
-    adapter_config = config.adapter_config()
-    inject_prefix_and_adapter(peft_model, config, adapter_name, adapter_config)
-    config.target_modules = adapter_config.target_modules
+class MAMMethod(PrefixTuningMethod):
+    """Prefixes on the attention (the KV cache) plus parallel adapters inside the FFN modules: the forward and
+    generate hooks are prefix tuning's, and the adapters run inside the wrapped modules."""
+
+    peft_type = "MAM"
+    config_class = MAMConfig
+    title = "MAM adapter"
+    variants = {"mam": Variant()}
+    wraps_base = True
+    peft_format = False
+    typical_lr = 3e-4
+
+    def inject(self, peft_model: nn.Module, config: MAMConfig, adapter_name: str) -> None:
+        """Prefixes on every attention layer and a parallel adapter beside every FFN. The resolved placement is
+        written back into the config, so the saved file says exactly where the adapters went."""
+        adapter_config = config.adapter_config()
+        inject_prefix_and_adapter(peft_model, config, adapter_name, adapter_config)
+        config.target_modules = adapter_config.target_modules
+
+    def state_dict(
+        self, peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig
+    ) -> dict[str, torch.Tensor]:
+        """The prefix entries (`prompt_embeddings`, or the reparameterisation MLP while training) plus every
+        module-wrapper tensor of the adapter (adapters, gates, LoRA factors, trained heads)."""
+        prompt = {
+            k: v
+            for k, v in super().state_dict(peft_model, adapter_name, config).items()
+            if not k.startswith(pl.HEAD_PREFIX)
+        }
+        return {**prompt, **layer_entries(peft_model.get_base_model(), adapter_name)}
 
 
-def state_dict(
-    peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig
-) -> dict[str, torch.Tensor]:
-    """Method hook: the prefix entries (`prompt_embeddings`, or the reparameterisation MLP while training) plus
-    every module-wrapper tensor of the adapter (adapters, gates, LoRA factors, trained heads)."""
-    prompt = {
-        k: v
-        for k, v in pl.state_dict(peft_model, adapter_name, config).items()
-        if not k.startswith(pl.HEAD_PREFIX)
-    }
-    # A BOTTLENECK config selects checkpoint's default collection: every AdapterLayer and head of this adapter.
-    layers = checkpoint.adapter_entries(peft_model, adapter_name, BottleneckConfig())
-    return {**prompt, **layers}
-
-
-def tensors_to_save(
-    peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig, entries: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Method hook: the file holds the prefixes themselves, never the reparameterisation MLP."""
-    return pl.tensors_to_save(peft_model, adapter_name, config, entries)
-
-
-CONFIG = MAMConfig
+METHOD = MAMMethod()

@@ -17,16 +17,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
+from deltatune.errors import ConfigError, UnsupportedModelError
+from deltatune.method import Variant
 from deltatune.methods import prompt_learning as pl
-from deltatune.methods.prompt_learning import (  # noqa: F401  (method hooks)
-    MERGEABLE,
-    PromptLearningConfig,
-    check_loadable,
-    remove,
-    state_dict,
-    tensors_to_save,
-)
+from deltatune.methods.prompt_learning import PromptLearningConfig
 
 
 @dataclass
@@ -42,7 +38,7 @@ class PrefixTuningConfig(PromptLearningConfig):
         super().__post_init__()
         self.peft_type = "PREFIX_TUNING"
         if self.init_weights not in (None, "zero"):
-            raise ValueError(f"init_weights must be None (random) or 'zero', got {self.init_weights!r}.")
+            raise ConfigError(f"init_weights must be None (random) or 'zero', got {self.init_weights!r}.")
 
 
 @dataclass
@@ -92,16 +88,16 @@ class PrefixEncoder(nn.Module):
             return self.forward().detach()
 
 
-def inject(peft_model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> None:
-    """Method hook: build the adapter's prefix encoder on the PeftModel (the base model is not touched)."""
-    if any(getattr(m, "gradient_checkpointing", False) for m in peft_model.base_model.modules()):
-        raise ValueError(
+def inject_prefix(peft_model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> None:
+    """Build the adapter's prefix encoder on the PeftModel (the base model is not touched)."""
+    if any(getattr(m, "gradient_checkpointing", False) for m in peft_model.get_base_model().modules()):
+        raise ConfigError(
             "Prefix tuning does not work with gradient checkpointing (the checkpointed layers drop the cache that "
             "carries the prefixes); call model.gradient_checkpointing_disable() first."
         )
-    pl.fill_model_fields(config, peft_model.base_model, kv_heads=True)
+    pl.fill_model_fields(config, peft_model.get_base_model(), kv_heads=True)
     if config.token_dim % config.num_attention_heads:
-        raise ValueError(
+        raise ConfigError(
             f"token_dim={config.token_dim} is not a multiple of num_attention_heads={config.num_attention_heads}."
         )
     pl.add_encoder(peft_model, adapter_name, PrefixEncoder(config))
@@ -109,10 +105,8 @@ def inject(peft_model: nn.Module, config: PrefixTuningConfig, adapter_name: str)
 
 def prefix_cache(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig, batch: int):
     """A DynamicCache holding every layer's prefix keys and values for `batch` rows."""
-    from transformers import DynamicCache
-
     rows = pl.encoder_of(peft_model, adapter_name)()
-    dtype = getattr(peft_model.base_model, "dtype", None)
+    dtype = getattr(peft_model.get_base_model(), "dtype", None)
     if dtype is not None:
         rows = rows.to(dtype)
     n, heads = config.num_virtual_tokens, config.num_attention_heads
@@ -126,10 +120,10 @@ def _prefixed(peft_model: nn.Module, inputs: dict[str, Any], cache_rows: int | N
     """The inputs plus the prefix cache, with the attention mask and position ids covering the prefix.
     generate() passes `cache_rows` (rows after beam expansion) and lets transformers count positions from the mask."""
     if inputs.get("past_key_values") is not None:
-        raise ValueError(
+        raise ConfigError(
             "Prefix tuning supplies past_key_values itself; do not pass them (or use disable_adapter())."
         )
-    base = peft_model.base_model
+    base = peft_model.get_base_model()
     name, config = pl.active_adapter(peft_model)
     n = config.num_virtual_tokens
     batch, length, device = pl.batch_and_length(inputs)
@@ -146,25 +140,6 @@ def _prefixed(peft_model: nn.Module, inputs: dict[str, Any], cache_rows: int | N
     return inputs
 
 
-def forward(peft_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """Method hook: run the base model with the prefixes in its cache (unchanged inputs inside disable_adapter())."""
-    base = peft_model.base_model
-    if peft_model._disabled:
-        return base(*args, **kwargs)
-    if not pl.accepts(base, "past_key_values", or_var_keyword=True):
-        raise TypeError(f"{type(base).__name__}.forward takes no past_key_values, which prefix tuning needs.")
-    inputs = _prefixed(peft_model, pl.bind_inputs(args, kwargs))
-    cache = inputs["past_key_values"]
-    prefix_length = cache.get_seq_length()
-    output = base(**inputs)
-    if cache.get_seq_length() == prefix_length:
-        raise RuntimeError(
-            f"{type(base).__name__} ignored past_key_values, so the prefixes had no effect. Prefix tuning needs a "
-            "model whose attention reads the cache (and no gradient checkpointing)."
-        )
-    return output
-
-
 def _expansion(base: nn.Module, kwargs: dict[str, Any]) -> int:
     """Rows per input in generate() (transformers expands by max(num_beams, num_return_sequences)): the cache must
     have that many."""
@@ -177,26 +152,63 @@ def _expansion(base: nn.Module, kwargs: dict[str, Any]) -> int:
     return max(pick("num_beams"), pick("num_return_sequences"))
 
 
-def generate(peft_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """Method hook: generate with the prefixes pre-filled in the KV cache; returns input_ids + new tokens."""
-    base = peft_model.base_model
-    if peft_model._disabled:
-        return base.generate(*args, **kwargs)
-    inputs = pl.check_generate_args(args, kwargs)
-    if inputs.get("use_cache") is False:
-        raise ValueError("Prefix tuning generates through the KV cache; do not pass use_cache=False.")
-    batch, _, _ = pl.batch_and_length(inputs)
-    embeds_only = inputs.get("input_ids") is None
-    if embeds_only:
-        pl.length_as_new_tokens(inputs)
-    inputs = _prefixed(peft_model, inputs, cache_rows=batch * _expansion(base, inputs))
-    if embeds_only:
-        # transformers takes a pre-filled cache to hold the first embeddings and skips that many: give it n
-        # placeholder rows to skip (they are never computed).
-        embeds = inputs["inputs_embeds"]
-        skipped = embeds.new_zeros(batch, inputs["past_key_values"].get_seq_length(), embeds.shape[-1])
-        inputs["inputs_embeds"] = torch.cat([skipped, embeds], dim=1)
-    return base.generate(**inputs)
+class PrefixTuningMethod(pl.PromptLearningMethod):
+    """Trained keys and values in front of every attention layer's cache."""
+
+    peft_type = "PREFIX_TUNING"
+    config_class = PrefixTuningConfig
+    title = "prefix tuning, P-tuning v2"
+    variants = {
+        "prefix": Variant(),
+        "prefix_tuning": Variant(),
+        "ptuning_v2": Variant(config_class=PTuningV2Config),
+        "p_tuning_v2": Variant(config_class=PTuningV2Config),
+    }
+    typical_lr = 1e-3  # 1e-2 and 3e-3 diverged to the majority class on MiniLM with projection (2026-11-23)
+
+    def inject(self, peft_model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> None:
+        inject_prefix(peft_model, config, adapter_name)
+
+    def forward(self, peft_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Run the base model with the prefixes in its cache (unchanged inputs inside disable_adapter())."""
+        base = peft_model.get_base_model()
+        if peft_model._disabled:
+            return base(*args, **kwargs)
+        if not pl.accepts(base, "past_key_values", or_var_keyword=True):
+            raise UnsupportedModelError(
+                f"{type(base).__name__}.forward takes no past_key_values, which prefix tuning needs."
+            )
+        inputs = _prefixed(peft_model, pl.bind_inputs(args, kwargs))
+        cache = inputs["past_key_values"]
+        prefix_length = cache.get_seq_length()
+        output = base(**inputs)
+        if cache.get_seq_length() == prefix_length:
+            raise UnsupportedModelError(
+                f"{type(base).__name__} ignored past_key_values, so the prefixes had no effect. Prefix tuning needs a "
+                "model whose attention reads the cache (and no gradient checkpointing)."
+            )
+        return output
+
+    def generate(self, peft_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Generate with the prefixes pre-filled in the KV cache; returns input_ids + new tokens."""
+        base = peft_model.get_base_model()
+        if peft_model._disabled:
+            return base.generate(*args, **kwargs)
+        inputs = pl.check_generate_args(args, kwargs)
+        if inputs.get("use_cache") is False:
+            raise ConfigError("Prefix tuning generates through the KV cache; do not pass use_cache=False.")
+        batch, _, _ = pl.batch_and_length(inputs)
+        embeds_only = inputs.get("input_ids") is None
+        if embeds_only:
+            pl.length_as_new_tokens(inputs)
+        inputs = _prefixed(peft_model, inputs, cache_rows=batch * _expansion(base, inputs))
+        if embeds_only:
+            # transformers takes a pre-filled cache to hold the first embeddings and skips that many: give it n
+            # placeholder rows to skip (they are never computed).
+            embeds = inputs["inputs_embeds"]
+            skipped = embeds.new_zeros(batch, inputs["past_key_values"].get_seq_length(), embeds.shape[-1])
+            inputs["inputs_embeds"] = torch.cat([skipped, embeds], dim=1)
+        return base.generate(**inputs)
 
 
-CONFIG = PrefixTuningConfig
+METHOD = PrefixTuningMethod()

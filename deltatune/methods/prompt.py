@@ -19,16 +19,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
+from deltatune.errors import ConfigError
+from deltatune.method import Variant
 from deltatune.methods import prompt_learning as pl
-from deltatune.methods.prompt_learning import (  # noqa: F401  (method hooks)
-    MERGEABLE,
-    PromptLearningConfig,
-    check_loadable,
-    remove,
-    state_dict,
-    tensors_to_save,
-)
+from deltatune.methods.prompt_learning import PromptLearningConfig
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -62,7 +58,7 @@ class PromptTuningConfig(PromptLearningConfig):
         choices = PromptTuningInit._value2member_map_
         init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)
         if init not in choices:
-            raise ValueError(f"prompt_tuning_init must be one of {', '.join(choices)}, got {init!r}.")
+            raise ConfigError(f"prompt_tuning_init must be one of {', '.join(choices)}, got {init!r}.")
         self.prompt_tuning_init = PromptTuningInit(init)
         tokenizer = self.tokenizer_name_or_path
         if tokenizer is not None and not isinstance(tokenizer, str):
@@ -74,23 +70,21 @@ class PromptTuningConfig(PromptLearningConfig):
             self.tokenizer_name_or_path = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
         if self.prompt_tuning_init == PromptTuningInit.TEXT:
             if not self.tokenizer_name_or_path:
-                raise ValueError(
+                raise ConfigError(
                     "prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a name, folder or tokenizer)."
                 )
             if self.prompt_tuning_init_text is None:
-                raise ValueError(
+                raise ConfigError(
                     "prompt_tuning_init='TEXT' needs prompt_tuning_init_text, the text to start from."
                 )
         elif self.tokenizer_kwargs:
-            raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'.")
+            raise ConfigError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'.")
 
     def tokenizer(self):
         """The tokenizer for TEXT init: the object given in code, else AutoTokenizer (never with remote code)."""
         given = getattr(self, "_tokenizer", None)
         if given is not None:
             return given
-        from transformers import AutoTokenizer
-
         kwargs = dict(self.tokenizer_kwargs or {})
         kwargs.pop("trust_remote_code", None)
         return AutoTokenizer.from_pretrained(self.tokenizer_name_or_path, **kwargs)
@@ -113,12 +107,12 @@ class PromptEncoderConfig(PromptLearningConfig):
         self.peft_type = "P_TUNING"
         kind = getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)
         if kind not in PromptEncoderReparameterizationType._value2member_map_:
-            raise ValueError(f"encoder_reparameterization_type must be 'MLP' or 'LSTM', got {kind!r}.")
+            raise ConfigError(f"encoder_reparameterization_type must be 'MLP' or 'LSTM', got {kind!r}.")
         self.encoder_reparameterization_type = PromptEncoderReparameterizationType(kind)
         if not 0 <= self.encoder_dropout < 1:
-            raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}.")
+            raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}.")
         if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}."
             )
 
@@ -159,7 +153,7 @@ def _text_token_ids(config: PromptTuningConfig, total: int) -> list[int]:
     if ids and isinstance(ids[0], list):
         ids = ids[0]
     if not ids:
-        raise ValueError("prompt_tuning_init_text tokenizes to nothing; give a non-empty text.")
+        raise ConfigError("prompt_tuning_init_text tokenizes to nothing; give a non-empty text.")
     return (ids * math.ceil(total / len(ids)))[:total]
 
 
@@ -215,13 +209,13 @@ class PromptEncoder(nn.Module):
             return self.forward().detach()
 
 
-def inject(peft_model: nn.Module, config: PromptLearningConfig, adapter_name: str) -> None:
-    """Method hook: build the adapter's prompt encoder on the PeftModel (the base model is not touched)."""
-    words = pl.word_embeddings(peft_model.base_model)
-    pl.fill_model_fields(config, peft_model.base_model, kv_heads=False)
+def inject_prompt(peft_model: nn.Module, config: PromptLearningConfig, adapter_name: str) -> None:
+    """Build the adapter's prompt encoder on the PeftModel (the base model is not touched)."""
+    words = pl.word_embeddings(peft_model.get_base_model())
+    pl.fill_model_fields(config, peft_model.get_base_model(), kv_heads=False)
     width = words.weight.shape[-1]
     if config.token_dim != width:
-        raise ValueError(
+        raise ConfigError(
             f"token_dim={config.token_dim}, but the model's token embeddings have width {width}; set token_dim={width}."
         )
     if config.peft_type == "P_TUNING":
@@ -234,7 +228,7 @@ def inject(peft_model: nn.Module, config: PromptLearningConfig, adapter_name: st
 # --- running ------------------------------------------------------------------------------------------------------
 def _with_prompts(peft_model: nn.Module, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
     """The inputs with the prompts in front of the token embeddings and every per-token input extended to match."""
-    base = peft_model.base_model
+    base = peft_model.get_base_model()
     name, config = pl.active_adapter(peft_model)
     n = config.num_virtual_tokens * config.num_transformer_submodules
     batch, length, device = pl.batch_and_length(inputs)
@@ -275,24 +269,46 @@ def _token_level(config: PromptLearningConfig, labels: torch.Tensor, batch: int,
     return config.task_type is None and tuple(labels.shape[:2]) == (batch, length)
 
 
-def forward(peft_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """Method hook: run the base model on the prompted inputs (unchanged inputs inside disable_adapter())."""
-    if peft_model._disabled:
-        return peft_model.base_model(*args, **kwargs)
-    inputs = _with_prompts(peft_model, pl.bind_inputs(args, kwargs), for_generate=False)
-    return peft_model.base_model(**inputs)
+class PromptTuningMethod(pl.PromptLearningMethod):
+    """Trained virtual-token embeddings in front of the input (Lester et al. 2021)."""
+
+    peft_type = "PROMPT_TUNING"
+    config_class = PromptTuningConfig
+    title = "prompt tuning"
+    variants = {"prompt_tuning": Variant(), "prompt": Variant()}
+    typical_lr = 3e-2
+
+    def inject(self, peft_model: nn.Module, config: PromptLearningConfig, adapter_name: str) -> None:
+        inject_prompt(peft_model, config, adapter_name)
+
+    def forward(self, peft_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """The base model on the prompted inputs (unchanged inputs inside disable_adapter())."""
+        base = peft_model.get_base_model()
+        if peft_model._disabled:
+            return base(*args, **kwargs)
+        return base(**_with_prompts(peft_model, pl.bind_inputs(args, kwargs), for_generate=False))
+
+    def generate(self, peft_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Generate from the prompted embeddings. The returned ids are `input_ids` + new tokens, as with the base
+        model (only the new tokens when called with inputs_embeds alone)."""
+        base = peft_model.get_base_model()
+        if peft_model._disabled:
+            return base.generate(*args, **kwargs)
+        inputs = pl.check_generate_args(args, kwargs)
+        pl.length_as_new_tokens(inputs)
+        return base.generate(**_with_prompts(peft_model, inputs, for_generate=True))
 
 
-def generate(peft_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """Method hook: generate from the prompted embeddings. The returned ids are `input_ids` + new tokens, as with
-    the base model (only the new tokens when called with inputs_embeds alone)."""
-    if peft_model._disabled:
-        return peft_model.base_model.generate(*args, **kwargs)
-    inputs = pl.check_generate_args(args, kwargs)
-    pl.length_as_new_tokens(inputs)
-    inputs = _with_prompts(peft_model, inputs, for_generate=True)
-    return peft_model.base_model.generate(**inputs)
+class PTuningMethod(PromptTuningMethod):
+    """Virtual tokens produced by a small MLP/LSTM encoder while training (Liu et al. 2021, "GPT understands, too");
+    the saved file holds its output, as peft's does."""
+
+    peft_type = "P_TUNING"
+    config_class = PromptEncoderConfig
+    title = "P-tuning (MLP/LSTM encoder)"
+    variants = {"p_tuning": Variant(), "ptuning": Variant()}
+    typical_lr = 1e-2
 
 
-CONFIG = PromptTuningConfig
-CONFIGS = {"PROMPT_TUNING": PromptTuningConfig, "P_TUNING": PromptEncoderConfig}
+PROMPT_TUNING = PromptTuningMethod()
+P_TUNING = PTuningMethod()

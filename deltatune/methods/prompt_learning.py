@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig
+from deltatune.errors import CheckpointError, ConfigError
 from deltatune.layer import ModulesToSave
+from deltatune.method import Method
 
 SAVED_KEY = "prompt_embeddings"
 HEAD_PREFIX = "base_model."  # peft keeps the raw model as `base_model` for prompt learning
-MERGEABLE = False  # read by PeftModel.merge_adapter: soft prompts are inputs, not weight updates
 
 
 @dataclass
@@ -47,9 +48,9 @@ class PromptLearningConfig(PeftConfig):
         super().__post_init__()
         n = self.num_virtual_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"num_virtual_tokens must be a positive integer (e.g. 20), got {n!r}.")
+            raise ConfigError(f"num_virtual_tokens must be a positive integer (e.g. 20), got {n!r}.")
         if self.task_type == "SEQ_2_SEQ_LM" or self.num_transformer_submodules not in (None, 1):
-            raise ValueError(
+            raise ConfigError(
                 "deltatune's prompt-learning methods support decoder-only and encoder models "
                 "(num_transformer_submodules=1); encoder-decoder models (SEQ_2_SEQ_LM) are not supported."
             )
@@ -119,15 +120,8 @@ def add_encoder(peft_model: nn.Module, adapter_name: str, encoder: nn.Module) ->
     """Register the adapter's prompt encoder on the PeftModel, on the device of the base model's embeddings."""
     if "prompt_encoder" not in peft_model._modules:
         peft_model.prompt_encoder = nn.ModuleDict()
-    device = word_embeddings(peft_model.base_model).weight.device
+    device = word_embeddings(peft_model.get_base_model()).weight.device
     peft_model.prompt_encoder[adapter_name] = encoder.to(device)
-
-
-def remove(peft_model: nn.Module, adapter_name: str) -> None:
-    """Method hook: drop the adapter's prompt encoder (delete_adapter, or a failed add_adapter)."""
-    encoders = peft_model._modules.get("prompt_encoder")
-    if encoders is not None and adapter_name in encoders:
-        del encoders[adapter_name]
 
 
 def encoder_of(peft_model: nn.Module, adapter_name: str) -> nn.Module:
@@ -137,7 +131,7 @@ def encoder_of(peft_model: nn.Module, adapter_name: str) -> nn.Module:
 def active_adapter(peft_model: nn.Module) -> tuple[str, PromptLearningConfig]:
     names = peft_model.active_adapters
     if len(names) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"Prompt-learning adapters run one at a time, but {names} are active; call set_adapter(name) with one name."
         )
     return names[0], peft_model.peft_config[names[0]]
@@ -147,45 +141,9 @@ def active_adapter(peft_model: nn.Module) -> tuple[str, PromptLearningConfig]:
 def _head_modules(peft_model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
     return {
         name: module.modules_to_save[adapter_name]
-        for name, module in peft_model.base_model.named_modules()
+        for name, module in peft_model.get_base_model().named_modules()
         if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save
     }
-
-
-def state_dict(
-    peft_model: nn.Module, adapter_name: str, config: PromptLearningConfig
-) -> dict[str, torch.Tensor]:
-    """Method hook: the live tensors (what trains and loads). A plain encoder is peft's `prompt_embeddings` itself;
-    a reparameterised one lists its parameters, turned into `prompt_embeddings` by `tensors_to_save`."""
-    encoder = encoder_of(peft_model, adapter_name)
-    if encoder.reparameterised:
-        entries = {f"prompt_encoder.{k}": v for k, v in encoder.state_dict(keep_vars=True).items()}
-    else:
-        entries = {SAVED_KEY: encoder.embedding.weight}
-    for name, head in _head_modules(peft_model, adapter_name).items():
-        for sub, tensor in head.state_dict(keep_vars=True).items():
-            entries[f"{HEAD_PREFIX}{name}.{sub}"] = tensor
-    return entries
-
-
-def tensors_to_save(
-    peft_model: nn.Module, adapter_name: str, config: PromptLearningConfig, entries: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Method hook: the file holds the prompts (a reparameterised encoder's output), never the encoder."""
-    kept = {k: v for k, v in entries.items() if not k.startswith("prompt_encoder.")}
-    return {SAVED_KEY: encoder_of(peft_model, adapter_name).saved(), **kept}
-
-
-def check_loadable(
-    peft_model: nn.Module, adapter_name: str, config: PromptLearningConfig, state: dict
-) -> None:
-    """Method hook: a saved file holds prompts, which a training-mode MLP/LSTM encoder cannot take."""
-    if encoder_of(peft_model, adapter_name).reparameterised:
-        raise ValueError(
-            f"A saved {config.peft_type} adapter holds the prompts its encoder produced, not the encoder, so it cannot "
-            "be loaded for further training with the encoder (peft refuses this too). Load it with is_trainable=False, "
-            "or train a new adapter."
-        )
 
 
 # --- inputs -------------------------------------------------------------------------------------------------------
@@ -272,3 +230,55 @@ def length_as_new_tokens(inputs: dict[str, Any]) -> None:
     elif config is not None and config.max_new_tokens is None and config.max_length is not None:
         inputs["generation_config"] = config = copy.deepcopy(config)
         config.max_new_tokens, config.max_length = config.max_length - length, None
+
+
+class PromptLearningMethod(Method):
+    """The hooks the soft-prompt methods share: the encoder lives on the PeftModel (peft's `prompt_encoder`), the
+    base model is left untouched (so `base_model` is the raw model, as in peft), and nothing can be merged."""
+
+    mergeable = False
+    wraps_base = False
+    recipe_defaults = {"num_virtual_tokens": 20}
+
+    def remove(self, peft_model: nn.Module, adapter_name: str) -> None:
+        """Drop the adapter's prompt encoder (delete_adapter, or a failed add_adapter)."""
+        encoders = peft_model._modules.get("prompt_encoder")
+        if encoders is not None and adapter_name in encoders:
+            del encoders[adapter_name]
+
+    def state_dict(
+        self, peft_model: nn.Module, adapter_name: str, config: PromptLearningConfig
+    ) -> dict[str, torch.Tensor]:
+        """The live tensors (what trains and loads). A plain encoder is peft's `prompt_embeddings` itself; a
+        reparameterised one lists its parameters, turned into `prompt_embeddings` by `tensors_to_save`."""
+        encoder = encoder_of(peft_model, adapter_name)
+        if encoder.reparameterised:
+            entries = {f"prompt_encoder.{k}": v for k, v in encoder.state_dict(keep_vars=True).items()}
+        else:
+            entries = {SAVED_KEY: encoder.embedding.weight}
+        for name, head in _head_modules(peft_model, adapter_name).items():
+            for sub, tensor in head.state_dict(keep_vars=True).items():
+                entries[f"{HEAD_PREFIX}{name}.{sub}"] = tensor
+        return entries
+
+    def tensors_to_save(
+        self,
+        peft_model: nn.Module,
+        adapter_name: str,
+        config: PromptLearningConfig,
+        entries: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The file holds the prompts (a reparameterised encoder's output), never the encoder."""
+        kept = {k: v for k, v in entries.items() if not k.startswith("prompt_encoder.")}
+        return {SAVED_KEY: encoder_of(peft_model, adapter_name).saved(), **kept}
+
+    def check_loadable(
+        self, peft_model: nn.Module, adapter_name: str, config: PromptLearningConfig, state: dict
+    ) -> None:
+        """A saved file holds prompts, which a training-mode MLP/LSTM encoder cannot take."""
+        if encoder_of(peft_model, adapter_name).reparameterised:
+            raise CheckpointError(
+                f"A saved {config.peft_type} adapter holds the prompts its encoder produced, not the encoder, so it "
+                "cannot be loaded for further training with the encoder (peft refuses this too). Load it with "
+                "is_trainable=False, or train a new adapter."
+            )

@@ -26,20 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import is_linear
-from deltatune.methods import lora
+from deltatune.method import Variant
 from deltatune.methods.adapters import VARIANTS, BottleneckConfig, BottleneckLayer
-from deltatune.methods.lora import LoraConfig, LoraLinear
-from deltatune.methods.mam import (  # noqa: F401  (method hooks, shared with MAM)
-    MERGEABLE,
-    check_loadable,
-    forward,
-    generate,
-    inject_prefix_and_adapter,
-    remove,
-    state_dict,
-    tensors_to_save,
-)
+from deltatune.methods.lora import LoraConfig, LoraLinear, inject_lora
+from deltatune.methods.mam import MAMMethod, inject_prefix_and_adapter
 from deltatune.methods.prefix import PrefixTuningConfig
 
 # The attention query and value projections, by family: Llama-style, BERT, DistilBERT, GPT-2 (fused qkv).
@@ -74,7 +66,7 @@ class UniPELTConfig(PrefixTuningConfig):
             if isinstance(getattr(self, name), (set, tuple)):
                 setattr(self, name, sorted(getattr(self, name)))
         if self.adapter_variant not in VARIANTS:
-            raise ValueError(f"adapter_variant must be one of {VARIANTS}, got {self.adapter_variant!r}.")
+            raise ConfigError(f"adapter_variant must be one of {VARIANTS}, got {self.adapter_variant!r}.")
         self.lora_config()  # validate both halves now, not when the model is wrapped
         self.adapter_config()
 
@@ -112,10 +104,13 @@ class GatedLoraLinear(LoraLinear):
     adapter_attrs = (*LoraLinear.adapter_attrs, "lora_gate")
     mergeable = False
     supports_dora = False
+    plain_update = False  # the gate scales the update, so the fused op does not apply
 
     def __init__(self, base_layer: nn.Module) -> None:
         if not is_linear(base_layer):
-            raise TypeError(f"UniPELT's gated LoRA wraps linear layers, not {type(base_layer).__name__}.")
+            raise UnsupportedModelError(
+                f"UniPELT's gated LoRA wraps linear layers, not {type(base_layer).__name__}."
+            )
         super().__init__(base_layer)
         self.lora_gate = nn.ModuleDict()
 
@@ -147,18 +142,25 @@ class GatedBottleneckLayer(BottleneckLayer):
         return super().adapt(name, h) * torch.sigmoid(gate(h.to(gate.weight.dtype))).to(h.dtype)
 
 
-def inject(peft_model: nn.Module, config: UniPELTConfig, adapter_name: str) -> None:
-    """Method hook: prefixes, gated adapters, then gated LoRA; the resolved placements go back into the config so
-    the saved file says exactly where each piece went."""
-    adapter_config = config.adapter_config()
-    inject_prefix_and_adapter(peft_model, config, adapter_name, adapter_config, GatedBottleneckLayer)
-    config.adapter_target_modules = adapter_config.target_modules
-    lora_config = config.lora_config()
-    lora.inject(peft_model, lora_config, adapter_name, layer_cls=GatedLoraLinear)
-    if config.target_modules is None:
-        config.target_modules = [
-            name for name, m in peft_model.base_model.named_modules() if isinstance(m, GatedLoraLinear)
-        ]
+class UniPELTMethod(MAMMethod):
+    """Gated prefixes, gated bottleneck adapters and gated LoRA together; runs and saves like MAM."""
+
+    peft_type = "UNIPELT"
+    config_class = UniPELTConfig
+    title = "UniPELT"
+    variants = {"unipelt": Variant()}
+    typical_lr = 1e-3
+
+    def inject(self, peft_model: nn.Module, config: UniPELTConfig, adapter_name: str) -> None:
+        """Prefixes, gated adapters, then gated LoRA; the resolved placements go back into the config so the saved
+        file says exactly where each piece went."""
+        adapter_config = config.adapter_config()
+        inject_prefix_and_adapter(peft_model, config, adapter_name, adapter_config, GatedBottleneckLayer)
+        config.adapter_target_modules = adapter_config.target_modules
+        inject_lora(peft_model, config.lora_config(), adapter_name, layer_cls=GatedLoraLinear)
+        if config.target_modules is None:
+            model = peft_model.get_base_model()
+            config.target_modules = [n for n, m in model.named_modules() if isinstance(m, GatedLoraLinear)]
 
 
-CONFIG = UniPELTConfig
+METHOD = UniPELTMethod()

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from deltatune.errors import DataError
+
 FORMATS = {
     ".csv": ("csv", {}),
     ".tsv": ("csv", {"delimiter": "\t"}),
@@ -28,10 +30,6 @@ FORMATS = {
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
 }
-
-
-class DataError(ValueError):
-    """A problem with the user's data, with a message that says how to fix it."""
 
 
 # --- tables --------------------------------------------------------------------------------------

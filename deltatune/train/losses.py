@@ -22,6 +22,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from deltatune.method import Method
+from deltatune.model import PeftModel
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -66,14 +70,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 def _unwrap(model: nn.Module) -> nn.Module | None:
     """The transformers model under a deltatune PeftModel, or None when the wrapper's forward does more than call
     it (soft prompts prepend virtual tokens) or when DDP must see the forward call to sync gradients."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from deltatune.model import PeftModel
-
     if isinstance(model, DistributedDataParallel):
         return None
     if isinstance(model, PeftModel):
-        if hasattr(model.method, "forward"):
+        if type(model.method).forward is not Method.forward:
             return None
         model = model.get_base_model()
     return model

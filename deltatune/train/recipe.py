@@ -2,7 +2,7 @@
 
     model: all-minilm-l6-v2          # folder, hub name, .gguf file or packaged alias
     task: seq-cls                    # seq-cls | token-cls | causal-lm | seq2seq
-    method: lora                     # lora | rslora | dora | any method in deltatune.methods.REGISTRY
+    method: lora                     # lora | rslora | dora | qlora | ... (`deltatune train --help` lists them)
     lora: {r: 8, lora_alpha: 16}     # the method's options, under its name
     train_file: data/train.csv
     eval_file: data/dev.csv
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 import random
 import re
@@ -27,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from deltatune import registry
+from deltatune.errors import ConfigError
 from deltatune.train.data import (
     Cleaning,
     DataError,
@@ -36,46 +37,20 @@ from deltatune.train.data import (
     require_columns,
     split_table,
 )
-from deltatune.train.trainer import TrainConfig, Trainer, seed_everything
+from deltatune.train.tasks import TASKS, Task
+from deltatune.train.trainer import TrainConfig, Trainer, planned_steps, seed_everything
 
 RUN_CONFIG = "run_config.yaml"
 
-# method name in a recipe -> (peft_type, options it implies). Anything registered is also accepted by its
-# lower-cased peft_type, so a new method needs no line here unless it wants a friendlier name.
-METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "lora": ("LORA", {}),
-    "rslora": ("LORA", {"use_rslora": True}),
-    "dora": ("LORA", {"use_dora": True}),
-    "adalora": ("ADALORA", {}),
-    "ia3": ("IA3", {}),
-    "bottleneck": ("BOTTLENECK", {}),
-    "adapter": ("BOTTLENECK", {}),
-    "bitfit": ("BITFIT", {}),
-    "freeze": ("FREEZE", {}),
-    "full": ("FULL", {}),
-    "prompt_tuning": ("PROMPT_TUNING", {}),
-    "p_tuning": ("P_TUNING", {}),
-    "prefix": ("PREFIX_TUNING", {}),
-    "prefix_tuning": ("PREFIX_TUNING", {}),
-    "ptuning_v2": ("PREFIX_TUNING", {}),  # with PTuningV2Config: see ALIAS_CONFIGS
-    "p_tuning_v2": ("PREFIX_TUNING", {}),
-    "mam": ("MAM", {}),
-    "unipelt": ("UNIPELT", {}),
-}
 
-# recipe names whose config class is not their peft_type's own (P-tuning v2 is saved as PREFIX_TUNING)
-ALIAS_CONFIGS = {"ptuning_v2": "PTuningV2Config", "p_tuning_v2": "PTuningV2Config"}
-
-TASK_TYPES = {
-    "seq-cls": "SEQ_CLS",
-    "token-cls": "TOKEN_CLS",
-    "causal-lm": "CAUSAL_LM",
-    "seq2seq": "SEQ_2_SEQ_LM",
-    "image-cls": None,
-}
+def recipe_tasks() -> dict[str, type[Task]]:
+    """The tasks a recipe can name: those that know how to build themselves from one."""
+    return {
+        name: task for name, task in TASKS.items() if task.from_run.__func__ is not Task.from_run.__func__
+    }
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A mistake in a recipe or its overrides, with a message that says how to fix it."""
 
 
@@ -102,17 +77,12 @@ class RunConfig:
     max_new_tokens: int = 64
     generate_samples: int = 32
     dtype: str | None = None  # e.g. bfloat16 to load the base model in half precision
+    quantize: str | None = None  # nf4 | fp4 | int8: a quantized base (QLoRA); the `qlora` method implies nf4
     labels: list[str] | None = None  # written by a run: the label names, in class-id order
 
 
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
-DEFAULT_COLUMNS = {
-    "seq-cls": ("text", "label"),
-    "token-cls": ("tokens", "tags"),
-    "seq2seq": ("source", "target"),
-    "causal-lm": (None, None),
-}
 
 
 # --- reading a recipe ----------------------------------------------------------------------------
@@ -178,39 +148,32 @@ def _closest(key: str, valid: set[str]) -> str:
 
 def method_info(name: str) -> tuple[str, dict[str, Any], type]:
     """(peft_type, implied options, config class) of a recipe's method name; an error lists what is available."""
-    from deltatune.methods import REGISTRY, config_class_for
-
-    key = str(name).lower().replace("-", "_")
-    peft_type, implied = METHOD_ALIASES.get(key, (key.upper(), {}))
-    if peft_type not in REGISTRY:
-        available = sorted(
-            {m for m, (t, _) in METHOD_ALIASES.items() if t in REGISTRY} | {r.lower() for r in REGISTRY}
-        )
+    try:
+        method, variant = registry.resolve_variant(name)
+    except ConfigError:
+        names = set(registry.variants())
         raise RecipeError(
-            f"Unknown method {name!r}.{_closest(key, set(available))} Available: {', '.join(available)}."
-        )
-    if key in ALIAS_CONFIGS:
-        import deltatune
-
-        return peft_type, implied, getattr(deltatune, ALIAS_CONFIGS[key])
-    return peft_type, implied, config_class_for(peft_type)
+            f"Unknown method {name!r}.{_closest(registry.normalize_name(name), names)} "
+            f"Available: {', '.join(sorted(names))}."
+        ) from None
+    return method.peft_type, dict(variant.options), variant.config_class or method.config_class
 
 
 def method_section_names(method: str) -> set[str]:
-    """The keys that may hold this method's options: its own name and, for LoRA variants, `lora`."""
-    key = str(method).lower().replace("-", "_")
-    peft_type = METHOD_ALIASES.get(key, (key.upper(), {}))[0]
-    return {key, peft_type.lower()} | {m for m, (t, _) in METHOD_ALIASES.items() if t == peft_type}
+    """The keys that may hold this method's options: every name of the method (e.g. `lora` for `dora`)."""
+    chosen = registry.resolve_variant(method)[0]
+    return {name for name, (m, _) in registry.variants().items() if m is chosen}
 
 
 def validate(raw: dict[str, Any]) -> dict[str, Any]:
     """Refuse unknown keys (naming the closest valid one) and check the method and its options."""
     # an empty method section (e.g. `--lora null` to switch a recipe to another method) is no section at all
-    raw = {k: v for k, v in raw.items() if not (k in METHOD_ALIASES and not v)}
+    method_names = set(registry.variants())
+    raw = {k: v for k, v in raw.items() if not (k in method_names and not v)}
     method = raw.get("method", "lora")
     peft_type, implied, config_cls = method_info(method)
     sections = method_section_names(method)
-    all_sections = set(METHOD_ALIASES) | {"method_options"}
+    all_sections = method_names | {"method_options"}
     valid = RUN_KEYS | TRAIN_KEYS | sections | {"method_options"}
     for key in raw:
         if key in all_sections and raw[key] and key not in sections | {"method_options"}:
@@ -230,8 +193,8 @@ def validate(raw: dict[str, Any]) -> dict[str, Any]:
                     f"Unknown {method} option {section}.{key}.{_closest(key, option_names)} "
                     f"Valid options: {', '.join(sorted(option_names))}."
                 )
-    if raw.get("task", "seq-cls") not in TASK_TYPES:
-        raise RecipeError(f"Unknown task {raw.get('task')!r}; use one of: {', '.join(TASK_TYPES)}.")
+    if raw.get("task", "seq-cls") not in recipe_tasks():
+        raise RecipeError(f"Unknown task {raw.get('task')!r}; use one of: {', '.join(recipe_tasks())}.")
     lr = raw.get("lr", TrainConfig.lr)
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise RecipeError(
@@ -301,40 +264,29 @@ def split_recipe(raw: dict[str, Any]) -> tuple[RunConfig, TrainConfig, dict[str,
 
 
 # --- building a run -------------------------------------------------------------------------------
-# Defaults a recipe may leave out: methods that wrap chosen layers adapt every linear layer; soft prompts get
-# 20 virtual tokens; AdaLoRA's rank budget is spread over the run's real number of steps.
-DEFAULT_TARGETS = {"LORA", "ADALORA", "IA3"}
+# Defaults a recipe may leave out: each method's `recipe_defaults` (LoRA, AdaLoRA and IA3 adapt every linear
+# layer; soft prompts get 20 virtual tokens); AdaLoRA's rank budget is spread over the run's real number of steps.
 
 
 def make_peft_config(run: RunConfig, options: dict[str, Any], total_steps: int = 1, tokenizer: Any = None):
     peft_type, implied, config_cls = method_info(run.method)
     names = {f.name for f in dataclasses.fields(config_cls) if f.init}
     kwargs = {**implied, **options}
+    for key, value in registry.method_for(peft_type).recipe_defaults.items():
+        if key in names and kwargs.get(key) is None:
+            kwargs[key] = value
     init = kwargs.get("prompt_tuning_init")
     if str(getattr(init, "value", init)) == "TEXT" and kwargs.get("tokenizer_name_or_path") is None:
         # prompts initialised from a text use the run's own tokenizer (its model name before it is loaded)
         kwargs["tokenizer_name_or_path"] = tokenizer if tokenizer is not None else run.model
-    if peft_type in DEFAULT_TARGETS and "target_modules" in names and kwargs.get("target_modules") is None:
-        kwargs["target_modules"] = "all-linear"
-    if "num_virtual_tokens" in names and kwargs.get("num_virtual_tokens") is None:
-        kwargs["num_virtual_tokens"] = 20
     if "total_step" in names and kwargs.get("total_step") is None:
         kwargs["total_step"] = total_steps
     if "task_type" in names:
-        kwargs.setdefault("task_type", TASK_TYPES[run.task])
+        kwargs.setdefault("task_type", TASKS[run.task].task_type)
     try:
         return config_cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"Invalid {run.method} options {options}: {err}") from err
-
-
-def planned_steps(train_cfg: TrainConfig, n_rows: int) -> int:
-    """Optimizer steps the run will take (what AdaLoRA's schedule needs before the trainer exists)."""
-    if train_cfg.max_steps > 0:
-        return train_cfg.max_steps
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batches = math.ceil(n_rows / (train_cfg.batch_size * world))
-    return max(1, math.ceil(train_cfg.epochs * math.ceil(batches / train_cfg.grad_accum)))
 
 
 def _subset(table, n: int, seed: int):
@@ -365,7 +317,7 @@ def load_splits(run: RunConfig, seed: int) -> dict[str, Any]:
 
 def prepare_tables(run: RunConfig, tables: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
     """Check the configured columns exist in every table and apply the chosen cleaning."""
-    default_text, default_label = DEFAULT_COLUMNS.get(run.task, (None, None))
+    default_text, default_label = TASKS[run.task].default_columns
     run.text_column = run.text_column or default_text
     run.label_column = run.label_column or default_label
     cleaning = Cleaning(**run.clean)
@@ -380,41 +332,14 @@ def prepare_tables(run: RunConfig, tables: dict[str, Any], sources: dict[str, st
     return tables
 
 
-def build_task(run: RunConfig, tokenizer: Any, labels: LabelMap | None):
-    from deltatune.train import tasks
-
-    if run.task == "seq-cls":
-        return tasks.SequenceClassificationTask(
-            tokenizer, run.text_column, run.label_column, run.text_pair_column, labels, run.max_length
-        )
-    if run.task == "token-cls":
-        return tasks.TokenClassificationTask(
-            tokenizer, run.text_column, run.label_column, labels, run.max_length
-        )
-    if run.task == "causal-lm":
-        return tasks.CausalLMTask(tokenizer, run.max_length, run.max_new_tokens, run.generate_samples)
-    if run.task == "seq2seq":
-        return tasks.Seq2SeqTask(
-            tokenizer,
-            run.text_column,
-            run.label_column,
-            run.max_length,
-            run.max_new_tokens,
-            run.generate_samples,
-        )
-    raise RecipeError(
-        f"Task {run.task!r} is available from Python (deltatune.train.tasks), not from recipes."
-    )
+def build_task(run: RunConfig, tokenizer: Any, labels: LabelMap | None) -> Task:
+    return recipe_tasks()[run.task].from_run(run, tokenizer, labels)
 
 
 def fit_labels(run: RunConfig, train_table) -> LabelMap | None:
     if run.labels:
         return LabelMap(run.labels)
-    if run.task == "seq-cls":
-        return LabelMap.from_values(train_table[run.label_column])
-    if run.task == "token-cls":
-        return LabelMap.from_values([t for row in train_table[run.label_column] for t in row])
-    return None
+    return TASKS[run.task].fit_labels(run, train_table)
 
 
 def check_labels(
@@ -445,8 +370,11 @@ def load_base(run: RunConfig, labels: LabelMap | None):
             "label2id": {n: i for i, n in enumerate(labels.names)},
         }
     dtype = getattr(torch, run.dtype) if run.dtype else None
+    quantization = run.quantize or registry.resolve_variant(run.method)[1].quantize
     try:
-        return load_model_and_tokenizer(run.model, task=run.task, dtype=dtype, **kwargs)
+        return load_model_and_tokenizer(
+            run.model, task=run.task, dtype=dtype, quantization=quantization, **kwargs
+        )
     except (OSError, ValueError) as err:
         raise RecipeError(f"Could not load model {run.model!r}: {err}") from err
 
@@ -483,7 +411,12 @@ def train_from_recipe(raw: dict[str, Any]) -> dict[str, Any]:
     if not features["train"]:
         raise DataError(f"{sources['train']}: no training rows left.")
     seed_everything(train_cfg.seed)  # the adapter's initial weights depend only on the seed
-    peft_config = make_peft_config(run, options, planned_steps(train_cfg, len(features["train"])), tokenizer)
+    peft_config = make_peft_config(
+        run,
+        options,
+        planned_steps(train_cfg, len(features["train"]), int(os.environ.get("WORLD_SIZE", "1"))),
+        tokenizer,
+    )
     peft_model = get_peft_model(model, peft_config)
     teacher = load_teacher(run, labels)
     trainer = Trainer(

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deltatune.errors import DataError
 from deltatune.train.data import epoch_batches
 from deltatune.train.distill import distillation_loss
 from deltatune.train.schedules import Schedule, make_optimizer
@@ -42,6 +43,21 @@ from deltatune.train.tasks import Task, to_device
 CHECKPOINT = "checkpoint-last.pt"
 BEST = "checkpoint-best.pt"
 LOG = "log.jsonl"
+
+
+def steps_per_epoch(config: TrainConfig, n_rows: int, world: int = 1) -> int:
+    """Optimizer steps in one epoch, as `Trainer._batches_of_epoch` makes them: global batches of
+    batch_size * world rows (under data parallelism the last short one is dropped), grad_accum per step."""
+    global_rows = config.batch_size * world
+    batches = n_rows // global_rows if world > 1 else math.ceil(n_rows / global_rows)
+    return math.ceil(batches / config.grad_accum)
+
+
+def planned_steps(config: TrainConfig, n_rows: int, world: int = 1) -> int:
+    """Optimizer steps the run takes: the one rule the trainer's schedule and AdaLoRA's budget both use."""
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * steps_per_epoch(config, n_rows, world)))
 
 
 @dataclass
@@ -228,15 +244,12 @@ class Trainer:
         return [local[i : i + c.grad_accum] for i in range(0, len(local), c.grad_accum)]
 
     def _total_steps(self) -> int:
-        if self.config.max_steps > 0:
-            return self.config.max_steps
-        per_epoch = len(self._batches_of_epoch(0))
-        if per_epoch == 0:
-            raise ValueError(
+        if self.config.max_steps <= 0 and steps_per_epoch(self.config, len(self.lengths), self.world) == 0:
+            raise DataError(
                 f"The training set ({len(self.train_features)} rows) is smaller than one global batch "
                 f"({self.config.batch_size} x {self.world} processes); lower batch_size."
             )
-        return max(1, math.ceil(self.config.epochs * per_epoch))
+        return planned_steps(self.config, len(self.lengths), self.world)
 
     def _setup(self) -> None:
         c = self.config

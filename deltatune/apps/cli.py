@@ -13,12 +13,15 @@ what is wrong and how to fix it, and exit with status 2. Set DELTATUNE_DEBUG=1 t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from typing import Any
 
 import typer
+
+from deltatune.errors import DeltatuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning.")
 
@@ -28,9 +31,22 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# Error class -> exit status, first match wins: the library's own errors (and a missing file) are the user's input
+# to fix (2); anything else is unexpected and keeps its type in the message (1).
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (DeltatuneError, 2),
+    (FileNotFoundError, 2),
+    (typer.BadParameter, 2),
+    (ValueError, 2),  # third-party checks of the user's input (transformers refusing a model folder, ...)
+)
+
+
+def exit_code_for(err: BaseException) -> int:
+    return next((code for cls, code in EXIT_CODES if isinstance(err, cls)), 1)
+
+
 def guarded(fn):
     """Turn any exception into a one-line error (the traceback stays available with DELTATUNE_DEBUG=1)."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -43,8 +59,8 @@ def guarded(fn):
         except Exception as err:  # noqa: BLE001 - the point is to never show a bare traceback
             if os.environ.get("DELTATUNE_DEBUG"):
                 raise
-            known = type(err).__name__ in ("RecipeError", "DataError", "ValueError", "FileNotFoundError")
-            fail(str(err) if known else f"{type(err).__name__}: {err}")
+            code = exit_code_for(err)
+            fail(str(err) if code == 2 else f"{type(err).__name__}: {err}", code)
 
     return wrapper
 
@@ -157,7 +173,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Show an adapter's config, targets and size, or a model's parameters and the layers an adapter can target."""
-    from deltatune.train.report import inspect_adapter, inspect_model
+    from deltatune.apps.report import inspect_adapter, inspect_model
 
     info = (
         inspect_adapter(path)
@@ -197,7 +213,7 @@ def bench(
     ),
 ):
     """Train every method on the same data, steps and seeds; write a JSON + markdown table and plots."""
-    from deltatune.bench import BenchSettings, run_bench
+    from deltatune.apps.bench import BenchSettings, run_bench
 
     given = {"model": model, "data_dir": data_dir, "steps": steps}
     overrides = {k: v for k, v in given.items() if v is not None}
@@ -236,7 +252,7 @@ def serve(
     """Serve many adapters over one shared base model over HTTP (OpenAPI docs at /docs)."""
     import uvicorn
 
-    from deltatune.serve.app import ServeSettings, build_engine, create_app
+    from deltatune.apps.serve.app import ServeSettings, build_engine, create_app
 
     adapters = {}
     for spec in adapter or []:

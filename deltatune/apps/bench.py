@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_MODEL = "all-minilm-l6-v2"
 DEFAULT_DATA = "../shared/data/sst2"  # relative to the repository, as recipes/sst2-minilm-lora.yaml
 
@@ -256,7 +256,11 @@ def _run_isolated(name: str, s: BenchSettings) -> dict[str, Any]:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
     spec = json.dumps({"method": name, "settings": dataclasses.asdict(s)})
     proc = subprocess.run(
-        [sys.executable, "-m", "deltatune.bench", spec], capture_output=True, text=True, env=env, cwd=REPO
+        [sys.executable, "-m", "deltatune.apps.bench", spec],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == 0 and lines:

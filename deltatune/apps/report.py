@@ -17,7 +17,7 @@ _ADAPTER_PARTS = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l|adapter_[a-z_]+|base_laye
 
 def inspect_adapter(path: str) -> dict[str, Any]:
     config = PeftConfig.from_pretrained(path)
-    state = checkpoint.load_adapter_weights(path)
+    state = checkpoint.read_adapter_file(path)
     targets = sorted({_ADAPTER_PARTS.sub("", k.removeprefix(checkpoint.PREFIX)) for k in state})
     info: dict[str, Any] = {
         "path": os.path.abspath(path),

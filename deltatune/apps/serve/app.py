@@ -23,7 +23,7 @@ from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
-from deltatune.serve.batching import AdapterError, Batcher, Engine
+from deltatune.apps.serve.batching import AdapterError, Batcher, Engine
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

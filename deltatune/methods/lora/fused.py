@@ -11,6 +11,7 @@ The math is exactly the unfused one; tests compare both (values and gradients) i
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def _fused_products(flat, weight, bias, lora_a, lora_b, scaling: float):
@@ -63,3 +64,19 @@ def lora_linear(
         out, _ = _fused_products(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
     return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling)
+
+
+def can_fuse(layer, x: torch.Tensor, running: list[str]) -> bool:
+    """The fused op covers the common case: one plain LoRA adapter on a float nn.Linear, no dropout at work, no
+    autocast, one dtype throughout. Everything else takes the layer's general path."""
+    if len(running) != 1 or layer.row_adapters is not None or type(layer.base_layer) is not nn.Linear:
+        return False
+    if not layer.plain_update:  # a subclass that changes the update (UniPELT's gates) needs the general path
+        return False
+    name = running[0]
+    if name in layer.lora_magnitude_vector or (layer.dropout[name] > 0 and layer.training):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    dtype = layer.base_layer.weight.dtype
+    return dtype.is_floating_point and x.dtype == dtype and layer.lora_A[name].weight.dtype == dtype

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig
+from deltatune.errors import CheckpointError
 from deltatune.layer import ModulesToSave
 from deltatune.methods.lora import LoraLayer
 from deltatune.model import PeftModel
 
 
-class AdapterError(ValueError):
+class AdapterError(CheckpointError):
     """An adapter folder that cannot be served (wrong method, DoRA, unreadable files)."""
 
 
@@ -94,7 +95,7 @@ class Engine:
             self.model.delete_adapter(name)
         else:
             for layer in self.model.adapter_layers():
-                layer.set_active([])  # so unload() keeps the original heads, not the adapter's copies
+                layer.set_adapter([])  # so unload() keeps the original heads, not the adapter's copies
             self.model = self.model.unload().eval()
         del self.paths[name]
 

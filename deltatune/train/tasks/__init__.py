@@ -1,0 +1,43 @@
+"""Tasks: one file per task, and `TASKS`, the one list recipes, the CLI and the server read.
+
+Adding a task = a `Task` subclass in its own file (with `name`, `from_run` and, if it learns labels, `fit_labels`)
++ one line in `TASKS` + a recipe under recipes/.
+"""
+
+from deltatune.train.tasks.base import StepOutput, Task, logits_of, model_inputs, real_token_logits, to_device
+from deltatune.train.tasks.causal_lm import CausalLMTask
+from deltatune.train.tasks.classification import SequenceClassificationTask
+from deltatune.train.tasks.custom import CustomTask
+from deltatune.train.tasks.image_classification import ImageClassificationTask, image_folder
+from deltatune.train.tasks.seq2seq import Seq2SeqTask
+from deltatune.train.tasks.token_classification import TokenClassificationTask
+
+# recipe name -> task class
+TASKS: dict[str, type[Task]] = {
+    task.name: task
+    for task in (
+        SequenceClassificationTask,
+        TokenClassificationTask,
+        CausalLMTask,
+        Seq2SeqTask,
+        ImageClassificationTask,
+        CustomTask,
+    )
+}
+
+__all__ = [
+    "TASKS",
+    "CausalLMTask",
+    "CustomTask",
+    "ImageClassificationTask",
+    "Seq2SeqTask",
+    "SequenceClassificationTask",
+    "StepOutput",
+    "Task",
+    "TokenClassificationTask",
+    "image_folder",
+    "logits_of",
+    "model_inputs",
+    "real_token_logits",
+    "to_device",
+]

@@ -1,0 +1,125 @@
+"""What every task shares: the `Task` contract the trainer talks to, and small batch helpers.
+
+The trainer knows nothing about text, tags or images; it asks its task for five things:
+`prepare(table, source)` -> features, `lengths(features)`, `collate(features)` -> batch,
+`loss(model, batch)` -> StepOutput, and `evaluate(model, features, batch_size)` -> metrics.
+A task used from recipes also says how to build itself from a recipe (`from_run`), which columns it reads by
+default and which labels it learns (`fit_labels`); `deltatune.train.tasks.TASKS` lists them by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.train.data import LabelMap, pad_batch
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor | None = None
+    distill_labels: torch.Tensor | None = None  # aligned with logits' leading dims; -100 = leave out
+    tokens: int = 0  # tokens (or examples) processed, for throughput
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def real_token_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token logits without the soft prompt's positions: prompt tuning and P-tuning return logits for their
+    virtual tokens too (in front, as peft does), which no label belongs to."""
+    if labels.dim() == 2 and logits.dim() == 3 and logits.shape[1] > labels.shape[1]:
+        return logits[:, -labels.shape[1] :]
+    return logits
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch minus the fields only the loss needs."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "label_ids")}
+
+
+def _batches(items: Sequence[Any], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class Task:
+    """Shared defaults: token features padded per batch, loss is the cross-entropy on `labels`."""
+
+    name = "task"
+    metric = "eval_loss"  # the default metric for early stopping / best checkpoint
+    greater_is_better = False
+    task_type: str | None = None  # the adapter config's task_type (peft's TaskType value)
+    default_columns: tuple[str | None, str | None] = (None, None)  # (text, label) when a recipe names none
+
+    @classmethod
+    def from_run(cls, run: Any, tokenizer: Any, labels: LabelMap | None) -> Task:
+        """Build the task a recipe describes (`run` is a deltatune.train.recipe.RunConfig)."""
+        raise TypeError(
+            f"Task {cls.name!r} is available from Python (deltatune.train.tasks), not from recipes."
+        )
+
+    @classmethod
+    def fit_labels(cls, run: Any, table) -> LabelMap | None:
+        """The label set a run learns from its training table (None: the task has no label set)."""
+        return None
+
+    def __init__(self, tokenizer: Any = None, max_length: int = 256) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def lengths(self, features: Sequence[dict[str, Any]]) -> list[int]:
+        return [len(f["input_ids"]) if "input_ids" in f else 1 for f in features]
+
+    def collate(self, features: Sequence[Any]) -> Any:
+        pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+        return pad_batch(list(features), pad_id)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        labels = batch["labels"]
+        logits = real_token_logits(logits_of(model(**model_inputs(batch))), labels)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+        )
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else labels.shape[0]
+        return StepOutput(loss, logits, labels if labels.dim() == logits.dim() - 1 else None, tokens)
+
+    @torch.no_grad()
+    def eval_loss(self, model: nn.Module, features: Sequence[Any], batch_size: int) -> float:
+        device, total, count = _device_of(model), 0.0, 0
+        for chunk in _batches(features, batch_size):
+            out = self.loss(model, to_device(self.collate(chunk), device))
+            total += float(out.loss) * len(chunk)
+            count += len(chunk)
+        return total / max(1, count)
+
+    def evaluate(self, model: nn.Module, features: Sequence[Any], batch_size: int) -> dict[str, Any]:
+        return {"eval_loss": self.eval_loss(model, features, batch_size)}
+
+    def describe(self) -> dict[str, Any]:
+        """What `eval` and `predict` need to rebuild this task (kept in the run's saved config)."""
+        return {"task": self.name}

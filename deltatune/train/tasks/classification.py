@@ -1,0 +1,117 @@
+"""Sequence classification: one text (or a pair of texts) -> one label."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.train import metrics as M
+from deltatune.train.data import LabelMap
+from deltatune.train.tasks.base import Task, _batches, _device_of, logits_of, to_device
+
+
+class SequenceClassificationTask(Task):
+    """One text (or a pair) -> one label, e.g. sentiment (SST-2) or entailment (pairs)."""
+
+    name = "seq-cls"
+    metric = "accuracy"
+    greater_is_better = True
+    task_type = "SEQ_CLS"
+    default_columns = ("text", "label")
+
+    @classmethod
+    def from_run(cls, run: Any, tokenizer: Any, labels: LabelMap | None) -> SequenceClassificationTask:
+        return cls(tokenizer, run.text_column, run.label_column, run.text_pair_column, labels, run.max_length)
+
+    @classmethod
+    def fit_labels(cls, run: Any, table) -> LabelMap:
+        return LabelMap.from_values(table[run.label_column])
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_column: str = "text",
+        label_column: str = "label",
+        text_pair_column: str | None = None,
+        labels: LabelMap | None = None,
+        max_length: int = 256,
+    ) -> None:
+        super().__init__(tokenizer, max_length)
+        self.text_column, self.text_pair_column, self.label_column = (
+            text_column,
+            text_pair_column,
+            label_column,
+        )
+        self.labels = labels
+
+    def _labels_for(self, table) -> LabelMap:
+        if self.labels is None:
+            self.labels = LabelMap.from_values(table[self.label_column])
+        return self.labels
+
+    def encode_texts(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        enc = self.tokenizer(
+            list(texts),
+            list(pairs) if pairs is not None else None,
+            truncation=True,
+            max_length=self.max_length,
+        )
+        return [{k: enc[k][i] for k in enc.keys()} for i in range(len(texts))]
+
+    def prepare(self, table, source: str = "the data") -> list[dict[str, Any]]:
+        texts = [str(t) if t is not None else "" for t in table[self.text_column]]
+        pairs = [str(t) for t in table[self.text_pair_column]] if self.text_pair_column else None
+        features = self.encode_texts(texts, pairs)
+        if self.label_column in table.column_names:
+            labels = self._labels_for(table)
+            for f, value in zip(features, table[self.label_column]):
+                f["labels"] = labels.encode(value, source)
+        return features
+
+    @torch.no_grad()
+    def scores(self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int) -> torch.Tensor:
+        device, out = _device_of(model), []
+        for chunk in _batches(features, batch_size):
+            batch = to_device(
+                self.collate([{k: v for k, v in f.items() if k != "labels"} for f in chunk]), device
+            )
+            out.append(logits_of(model(**batch)).float().softmax(-1).cpu())
+        return torch.cat(out)
+
+    def evaluate(
+        self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int
+    ) -> dict[str, Any]:
+        probs = self.scores(model, features, batch_size)
+        refs = [f["labels"] for f in features]
+        result = M.classification_scores(probs.argmax(-1).tolist(), refs, self.labels.names)
+        result["eval_loss"] = float(F.nll_loss(probs.clamp_min(1e-12).log(), torch.tensor(refs)))
+        return result
+
+    def predict(
+        self, model: nn.Module, rows: Sequence[dict[str, Any]], batch_size: int = 32
+    ) -> list[dict[str, Any]]:
+        texts = [str(r[self.text_column]) for r in rows]
+        pairs = [str(r[self.text_pair_column]) for r in rows] if self.text_pair_column else None
+        probs = self.scores(model, self.encode_texts(texts, pairs), batch_size)
+        names = self.labels.names
+        return [
+            {
+                "label": names[int(p.argmax())],
+                "score": float(p.max()),
+                "scores": {n: float(v) for n, v in zip(names, p)},
+            }
+            for p in probs
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "task": self.name,
+            "text_column": self.text_column,
+            "text_pair_column": self.text_pair_column,
+            "label_column": self.label_column,
+            "labels": self.labels.names if self.labels else None,
+        }
