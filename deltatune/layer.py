@@ -36,6 +36,10 @@ class Wrapper(nn.Module):
             module = module._wrapped()
         return module
 
+    def _attribute_source(self) -> nn.Module:
+        """The module whose attributes the wrapper shows (ModulesToSave: the active adapter's copy)."""
+        return self._wrapped()
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -43,10 +47,10 @@ class Wrapper(nn.Module):
             if name.startswith("__") or not self.__dict__.get("_modules"):
                 raise
             try:
-                wrapped = self._wrapped()
+                source = self._attribute_source()
             except (AttributeError, KeyError):  # not built yet
                 raise AttributeError(name) from None
-            return getattr(wrapped, name)
+            return getattr(source, name)
 
 
 class AdapterLayer(Wrapper):
@@ -206,6 +210,9 @@ class ModulesToSave(Wrapper):
         self._disable_adapters = False
 
     wrapped_attr = "original_module"
+
+    def _attribute_source(self) -> nn.Module:
+        return self.current()  # `model.classifier.weight` is the weight that runs, as in peft
 
     @property
     def adapter_names(self) -> list[str]:

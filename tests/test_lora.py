@@ -288,3 +288,20 @@ def test_peft_style_alias_import():
 def test_dora_refuses_other_layers():
     with pytest.raises(TypeError, match="DoRA is supported on Linear"):
         dt.get_peft_model(tiny_cnn(), dt.LoraConfig(r=2, target_modules=["conv"], use_dora=True))
+
+
+def test_wrapped_layers_answer_like_the_modules_they_wrap():
+    """peft's layer API: attributes fall through to the base layer, and a trained head shows the active copy."""
+    model = dt.get_peft_model(
+        tiny_bert_cls(), dt.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"])
+    )
+    bert = model.get_base_model()
+    query = bert.bert.encoder.layer[0].attention.self.query
+    assert query.get_base_layer() is query.base_layer
+    assert query.weight is query.base_layer.weight and query.in_features == 32 and query.out_features == 32
+    head = bert.classifier
+    assert head.weight is head.modules_to_save["default"].weight
+    assert head.get_base_layer() is head.original_module
+    with model.disable_adapter():
+        assert head.weight is head.original_module.weight
+    assert type(model.base_model).__name__ == "TunerModel" and model.base_model.model is bert
