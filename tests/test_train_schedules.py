@@ -112,3 +112,31 @@ def test_planned_steps_are_the_steps_the_trainer_takes(rows, batch, world, accum
     trainer.config, trainer.lengths, trainer.world, trainer.rank = config, [1] * rows, world, 0
     taken = sum(len(trainer._batches_of_epoch(epoch)) for epoch in range(2))
     assert planned_steps(config, rows, world) == taken
+
+
+def test_bitsandbytes_8bit_adamw_keeps_8bit_states_and_tracks_adamw():
+    """adamw_8bit stores its moments in 8 bits and takes (nearly) the steps AdamW takes."""
+    pytest.importorskip("bitsandbytes")
+    from deltatune.errors import ConfigError
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 512), torch.randn(64, 512)
+    losses = {}
+    for name in ("adamw", "adamw_8bit"):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(512, 512)
+        opt = make_optimizer(model.parameters(), name, lr=1e-3)
+        for _ in range(5):
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses[name] = ((model(x) - y) ** 2).mean().item()
+        if name == "adamw_8bit":
+            assert {
+                t.dtype for t in opt.state[model.weight].values() if torch.is_tensor(t) and t.numel() > 1
+            } >= {torch.uint8}
+    assert losses["adamw_8bit"] == pytest.approx(losses["adamw"], rel=0.02)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            make_optimizer(torch.nn.Linear(2, 2).parameters(), "paged_adamw")

@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from deltatune.errors import ConfigError
+from deltatune.quant import require_bitsandbytes
+
 SCHEDULES = ("constant", "linear", "exponential", "cosine", "loss-adaptive")
 
 
@@ -114,12 +117,22 @@ class Schedule:
         self._apply()
 
 
+# bitsandbytes' optimizers, for memory: 8-bit states, and "paged" states that move to CPU memory when the GPU runs
+# short (QLoRA's paged AdamW). Paged states need CUDA.
+BNB_OPTIMIZERS = {
+    "adamw_8bit": ("AdamW8bit", False),
+    "paged_adamw": ("PagedAdamW", True),
+    "paged_adamw_8bit": ("PagedAdamW8bit", True),
+}
+OPTIMIZERS = ("adamw", "adam", "sgd", *BNB_OPTIMIZERS)
+
+
 def make_optimizer(
     params, name: str = "adamw", lr: float = 1e-4, weight_decay: float = 0.0, momentum: float = 0.9
 ) -> torch.optim.Optimizer:
-    """AdamW, Adam or SGD over `params` (a list of tensors or param groups)."""
+    """AdamW, Adam, SGD, or one of bitsandbytes' 8-bit / paged AdamW over `params` (tensors or param groups)."""
     if lr is None or lr <= 0:
-        raise ValueError(f"The learning rate must be positive, got lr={lr}.")
+        raise ConfigError(f"The learning rate must be positive, got lr={lr}.")
     name = name.lower()
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -127,4 +140,11 @@ def make_optimizer(
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
-    raise ValueError(f"Unknown optimizer {name!r}; use one of: adamw, adam, sgd.")
+    if name in BNB_OPTIMIZERS:
+        cls_name, paged = BNB_OPTIMIZERS[name]
+        if paged and not torch.cuda.is_available():
+            raise ConfigError(
+                f"optimizer {name!r} pages its state through CUDA memory; use adamw_8bit or adamw here."
+            )
+        return getattr(require_bitsandbytes().optim, cls_name)(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"Unknown optimizer {name!r}; use one of: {', '.join(OPTIMIZERS)}.")
