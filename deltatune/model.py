@@ -21,6 +21,7 @@ from deltatune.errors import AdapterNotFoundError, ConfigError, MergeError, Unsu
 from deltatune.inject import candidate_modules, find_targets, replace_module
 from deltatune.layer import AdapterLayer, ModulesToSave
 from deltatune.method import Method
+from deltatune.methods.lora import arithmetic
 from deltatune.registry import method_for
 from deltatune.tuner import TunerModel
 
@@ -262,6 +263,35 @@ class PeftModel(nn.Module):
         if adapter_name in self._active:
             remaining = [a for a in self._active if a != adapter_name] or [next(iter(self.peft_config))]
             self.set_adapter(remaining)
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> arithmetic.CombinationReport:
+        """A new LoRA adapter from a weighted combination of others, by every combination type peft has (see
+        `deltatune/methods/lora/arithmetic.py`). Returns a report of the new rank and each layer's relative error."""
+        return arithmetic.add_weighted_adapter(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type,
+            svd_rank,
+            svd_clamp,
+            svd_full_matrices,
+            svd_driver,
+            density,
+            majority_sign_method,
+        )
 
     # --- merging -------------------------------------------------------------------------------
     def _weight_layers(self) -> list[AdapterLayer]:

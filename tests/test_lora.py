@@ -285,11 +285,6 @@ def test_peft_style_alias_import():
     assert model.config.vocab_size == 64  # attribute access falls through to the base model
 
 
-def test_dora_refuses_other_layers():
-    with pytest.raises(TypeError, match="DoRA is supported on Linear"):
-        dt.get_peft_model(tiny_cnn(), dt.LoraConfig(r=2, target_modules=["conv"], use_dora=True))
-
-
 def test_wrapped_layers_answer_like_the_modules_they_wrap():
     """peft's layer API: attributes fall through to the base layer, and a trained head shows the active copy."""
     model = dt.get_peft_model(

@@ -4,6 +4,7 @@
     deltatune eval runs/sst2 [--file dev.tsv] [--json]
     deltatune predict runs/sst2 [--file rows.jsonl]     (or lines on stdin)
     deltatune merge runs/sst2 merged/
+    deltatune merge-adapters a/ b/ --weights 0.7,0.3 --combination svd --rank 8 -o combined/
     deltatune inspect runs/sst2 | MODEL
     deltatune bench [--quick] [--model M] [--methods lora,ia3]
 
@@ -17,7 +18,7 @@ import functools
 import json
 import os
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -163,6 +164,64 @@ def merge(
     if task.tokenizer is not None:
         task.tokenizer.save_pretrained(output)
     typer.echo(f"merged model saved to {os.path.abspath(output)}")
+
+
+@app.command("merge-adapters")
+@guarded
+def merge_adapters(
+    adapters: Annotated[
+        list[str], typer.Argument(help="LoRA adapter folders (peft format) on one base model.")
+    ],
+    weights: str = typer.Option(..., help="One weight per adapter, comma-separated (e.g. 0.7,0.3)."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder for the combined adapter."),
+    combination: str = typer.Option(
+        "svd", help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, or <kind>_svd."
+    ),
+    rank: int = typer.Option(None, help="svd kinds: the combined adapter's rank (default: the largest)."),
+    density: float = typer.Option(None, help="Pruning kinds: the fraction of entries kept."),
+    majority_sign: str = typer.Option("total", help="ties kinds: elect signs by 'total' or 'frequency'."),
+    clamp: float = typer.Option(None, help="svd kinds: clamp the factors at this quantile."),
+    model: str = typer.Option(None, help="Base model (default: the adapters' base_model_name_or_path)."),
+    task: str = typer.Option(None, help="Model head to load (default: from the adapters' task_type)."),
+    seed: int = typer.Option(0, help="Random seed (the DARE kinds drop entries at random)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the per-layer report as JSON."),
+):
+    """Combine adapters into one (peft's add_weighted_adapter) and report its rank and relative error."""
+    import torch
+
+    from deltatune import PeftConfig, PeftModel
+    from deltatune.models import load_model_and_tokenizer
+    from deltatune.train.tasks import TASKS
+
+    first = PeftConfig.from_pretrained(adapters[0])
+    base_name = model or first.base_model_name_or_path
+    if not base_name:
+        fail("The adapter does not name its base model; pass --model.")
+    task = task or next(
+        (t.name for t in TASKS.values() if t.task_type == first.task_type), "feature-extraction"
+    )
+    base, _ = load_model_and_tokenizer(base_name, task=task)
+    names = [f"adapter_{i}" for i in range(len(adapters))]
+    peft_model = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])
+    for name, path in zip(names[1:], adapters[1:]):
+        peft_model.load_adapter(path, adapter_name=name)
+    torch.manual_seed(seed)
+    report = peft_model.add_weighted_adapter(
+        names,
+        [float(w) for w in weights.split(",")],
+        "default",
+        combination,
+        svd_rank=rank,
+        svd_clamp=clamp,
+        density=density,
+        majority_sign_method=majority_sign,
+    )
+    peft_model.save_pretrained(output, selected_adapters=["default"])
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        typer.echo(str(report).replace("'default' ", ""))
+    typer.echo(f"combined adapter saved to {os.path.abspath(output)}", err=as_json)
 
 
 @app.command()

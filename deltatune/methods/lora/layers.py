@@ -49,9 +49,7 @@ class LoraLayer(AdapterLayer):
         if name in self.adapter_names:
             raise ConfigError(f"Adapter {name!r} already exists on this layer.")
         if config.use_dora and not self.supports_dora:
-            raise UnsupportedModelError(
-                f"DoRA is supported on Linear and GPT-2 Conv1D layers, not {type(self.base_layer).__name__}."
-            )
+            raise UnsupportedModelError(f"DoRA is not supported on {type(self).__name__} layers.")
         self.r[name] = r
         self.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
         self.dropout[name] = config.lora_dropout
@@ -60,7 +58,11 @@ class LoraLayer(AdapterLayer):
         if config.use_dora:
             dora.init_magnitude(self, name)
 
-    supports_dora = False
+    supports_dora = True
+    out_axis = (
+        0  # the axis of the output features in `base_weight()` (DoRA's per-output magnitude runs along it)
+    )
+    feature_axis = -1  # the axis of the output features in the layer's output
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -82,6 +84,25 @@ class LoraLayer(AdapterLayer):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(b)
 
+    # --- the factors as matrices (adapter arithmetic, arithmetic.py) ------------------------------------------------
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter `name`'s (A, B) tensors as stored."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def flat_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as matrices, (r x in·kernel) and (out x r), whose product times the scaling is the update."""
+        a, b = self.factors(name)
+        return a.flatten(1), b.flatten(1)
+
+    @torch.no_grad()
+    def set_flat_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Write matrices of rank k <= r into adapter `name`'s factors; rows/columns k..r stay zero."""
+        stored_a, stored_b = self.factors(name)
+        stored_a.zero_()
+        stored_b.zero_()
+        stored_a.flatten(1)[: a.shape[0]].copy_(a)
+        stored_b.flatten(1)[:, : b.shape[1]].copy_(b)
+
     def _input(self, name: str, x: torch.Tensor) -> torch.Tensor:
         dtype = self.lora_A[name].weight.dtype
         if x.dtype != dtype:
@@ -97,21 +118,48 @@ class LoraLayer(AdapterLayer):
     )
 
     def _lora_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B[name](self.lora_A[name](self._input(name, x))) * self.scaling[name]
+        return self._update(name, self._input(name, x))
+
+    def _update(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """s * B A h for the (dropped-out, cast) input h."""
+        return self.lora_B[name](self.lora_A[name](h)) * self.scaling[name]
+
+    def _plain(self, h: torch.Tensor) -> torch.Tensor:
+        """W h without the bias (DoRA's rescaled base term, on a dropped-out input)."""
+        return F.linear(h, self.base_weight())
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None and any(n in self.lora_magnitude_vector for n in self.row_adapters):
+            raise UnsupportedModelError(
+                "Mixed-adapter batches (row_adapters) do not support DoRA adapters; serve them alone."
+            )
+        running = self.running_adapters()
+        if self.row_adapters is None and any(n in self.lora_magnitude_vector for n in running):
+            return dora.forward(self, x, running, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
             return serving.mixed_forward(self, x, result)
-        for name in self.running_adapters():
+        for name in running:
             result = result + self._lora_update(name, x).to(result.dtype)
         return result
+
+    # DoRA (dora.py) changes the merge rule as well as the forward.
+    def merges_additively(self, name: str) -> bool:
+        return name not in self.lora_magnitude_vector
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return dora.merged_weight(self, name, weight)
+        return super().merged_weight(name, weight)
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return dora.unmerged_weight(self, name, weight)
+        return super().unmerged_weight(name, weight)
 
 
 class LoraLinear(LoraLayer):
     """LoRA on nn.Linear (and on GPT-2's Conv1D, whose weight is stored (in, out))."""
-
-    supports_dora = True
 
     def create_factors(self, name: str, r: int) -> None:
         out_features, in_features = self.base_weight().shape
@@ -149,25 +197,7 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
-    def merges_additively(self, name: str) -> bool:
-        return name not in self.lora_magnitude_vector
-
-    # DoRA (dora.py) changes both the merge rule and the forward.
-    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name in self.lora_magnitude_vector:
-            return dora.merged_weight(self, name, weight)
-        return super().merged_weight(name, weight)
-
-    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name in self.lora_magnitude_vector:
-            return dora.unmerged_weight(self, name, weight)
-        return super().unmerged_weight(name, weight)
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.row_adapters is not None and any(n in self.lora_magnitude_vector for n in self.row_adapters):
-            raise UnsupportedModelError(
-                "Mixed-adapter batches (row_adapters) do not support DoRA adapters; serve them alone."
-            )
         running = self.running_adapters()
         if can_fuse(self, x, running):
             name, base = running[0], self.base_layer
@@ -179,15 +209,14 @@ class LoraLinear(LoraLayer):
                 self.lora_B[name].weight,
                 self.scaling[name],
             )
-        if self.row_adapters is not None or not any(n in self.lora_magnitude_vector for n in running):
-            return super().forward(x, *args, **kwargs)
-        return dora.forward(self, x, running, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
 
 
 class LoraEmbedding(LoraLayer):
     """LoRA on nn.Embedding: A (r x vocab) is looked up like an embedding table, then B (dim x r) maps it."""
 
-    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    out_axis = 1  # the table is (vocab x dim): its outputs are the dim columns
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -206,20 +235,31 @@ class LoraEmbedding(LoraLayer):
             nn.init.zeros_(self.lora_embedding_A[name])
             nn.init.normal_(self.lora_embedding_B[name])
 
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
 
-    def _lora_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x  # token ids: no cast, no dropout (as in peft)
+
+    def _update(self, name: str, h: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
         looked_up = F.embedding(
-            x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            h, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
         return looked_up @ b.T * self.scaling[name]
 
 
 class LoraConv(LoraLayer):
     """LoRA on nn.Conv1d/nn.Conv2d: A is a conv with the base's kernel and stride into r channels, B a 1x1 conv."""
+
+    feature_axis = 1  # outputs are (batch, channels, ...)
+
+    def _plain(self, h: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(h, self.base_layer.weight, None)
 
     def create_factors(self, name: str, r: int) -> None:
         base = self.base_layer
