@@ -369,7 +369,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="tokenizer_name_or_path"):
         dt.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi")
     with pytest.raises(ValueError, match="encoder-decoder"):
-        dt.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM")
+        dt.get_peft_model(tiny_llama(), dt.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM"))
     model = make(tiny_llama, causal_configs(dt)["prefix"])
     with pytest.raises(ValueError, match="cannot be merged"):
         model.merge_and_unload()

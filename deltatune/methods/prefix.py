@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, EncoderDecoderCache
 
 from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.method import Variant
@@ -95,10 +95,22 @@ def inject_prefix(peft_model: nn.Module, config: PrefixTuningConfig, adapter_nam
             "Prefix tuning does not work with gradient checkpointing (the checkpointed layers drop the cache that "
             "carries the prefixes); call model.gradient_checkpointing_disable() first."
         )
-    pl.fill_model_fields(config, peft_model.get_base_model(), kv_heads=True)
+    model = peft_model.get_base_model()
+    pl.fill_model_fields(config, model, kv_heads=True)
     if config.token_dim % config.num_attention_heads:
         raise ConfigError(
             f"token_dim={config.token_dim} is not a multiple of num_attention_heads={config.num_attention_heads}."
+        )
+    head_dim = getattr(getattr(model, "config", None), "d_kv", None)  # T5 may size heads apart from d_model
+    if head_dim is not None and head_dim != config.token_dim // config.num_attention_heads:
+        raise ConfigError(
+            f"{type(model).__name__}'s heads have d_kv={head_dim}, not token_dim / num_attention_heads = "
+            f"{config.token_dim // config.num_attention_heads}; set token_dim={head_dim * config.num_attention_heads}."
+        )
+    if pl.is_encoder_decoder(model) and config.num_transformer_submodules != 2:
+        raise ConfigError(
+            f"{type(model).__name__} is an encoder-decoder model: prefix tuning needs task_type='SEQ_2_SEQ_LM' "
+            "(num_transformer_submodules=2) on it, as in peft."
         )
     pl.add_encoder(peft_model, adapter_name, PrefixEncoder(config))
 
@@ -113,7 +125,14 @@ def prefix_cache(peft_model: nn.Module, adapter_name: str, config: PrefixTuningC
     # [n, layers*2*heads*head_dim] -> [layers*2, batch, heads, n, head_dim], key and value of layer i at 2i, 2i+1
     kv = rows.view(n, config.num_layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)
     kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1).contiguous()
-    return DynamicCache(ddp_cache_data=[(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)])
+    layers = config.num_layers
+    if config.num_transformer_submodules == 1:
+        return DynamicCache(ddp_cache_data=[(kv[2 * i], kv[2 * i + 1]) for i in range(layers)])
+    # Encoder-decoder: peft reads the saved rows as [self key, self value, cross key, cross value] per layer over the
+    # table repeated twice, then drops the cross-attention part. So decoder layer i reads the key and value saved for
+    # layer 2i mod num_layers; the file means that, and we read it the same way.
+    pairs = [(kv[(4 * i) % (2 * layers)], kv[(4 * i + 1) % (2 * layers)]) for i in range(layers)]
+    return EncoderDecoderCache(DynamicCache(ddp_cache_data=pairs), DynamicCache())
 
 
 def _prefixed(peft_model: nn.Module, inputs: dict[str, Any], cache_rows: int | None = None) -> dict[str, Any]:
@@ -128,6 +147,13 @@ def _prefixed(peft_model: nn.Module, inputs: dict[str, Any], cache_rows: int | N
     n = config.num_virtual_tokens
     batch, length, device = pl.batch_and_length(inputs)
     inputs["past_key_values"] = prefix_cache(peft_model, name, config, cache_rows or batch)
+    if pl.is_encoder_decoder(base):
+        # The prefixes sit in the decoder's self-attention only (peft gives the encoder and cross-attention none),
+        # so only the decoder's mask grows.
+        decoder_mask = inputs.get("decoder_attention_mask")
+        if decoder_mask is not None:
+            inputs["decoder_attention_mask"] = pl.extend_mask(decoder_mask, n)
+        return inputs
     mask = inputs.get("attention_mask")
     if mask is None:  # encoders size their mask by the input unless told the keys are longer
         mask = torch.ones(batch, length, dtype=torch.long, device=device)
@@ -178,7 +204,7 @@ class PrefixTuningMethod(pl.PromptLearningMethod):
             raise UnsupportedModelError(
                 f"{type(base).__name__}.forward takes no past_key_values, which prefix tuning needs."
             )
-        inputs = _prefixed(peft_model, pl.bind_inputs(args, kwargs))
+        inputs = _prefixed(peft_model, pl.bind_inputs(args, kwargs, seq2seq=pl.is_encoder_decoder(base)))
         cache = inputs["past_key_values"]
         prefix_length = cache.get_seq_length()
         output = base(**inputs)

@@ -227,18 +227,23 @@ def inject_prompt(peft_model: nn.Module, config: PromptLearningConfig, adapter_n
 
 # --- running ------------------------------------------------------------------------------------------------------
 def _with_prompts(peft_model: nn.Module, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
-    """The inputs with the prompts in front of the token embeddings and every per-token input extended to match."""
+    """The inputs with the prompts in front of the token embeddings and every per-token input extended to match.
+
+    On an encoder-decoder model the prompts go in front of the encoder's input only: the table holds a second
+    `num_virtual_tokens` rows for the decoder (num_transformer_submodules=2), which peft's prompt tuning and
+    P-tuning never use, and neither do we; the decoder's inputs and the labels are left alone."""
     base = peft_model.get_base_model()
     name, config = pl.active_adapter(peft_model)
-    n = config.num_virtual_tokens * config.num_transformer_submodules
+    seq2seq = pl.is_encoder_decoder(base)
+    n = config.num_virtual_tokens
     batch, length, device = pl.batch_and_length(inputs)
     input_ids = inputs.get("input_ids")
     embeds = inputs.pop("inputs_embeds", None)
     if embeds is None:
         embeds = pl.word_embeddings(base)(input_ids)
-    prompts = pl.encoder_of(peft_model, name)().to(embeds.dtype)
+    prompts = pl.encoder_of(peft_model, name)()[:n].to(embeds.dtype)
     inputs["inputs_embeds"] = torch.cat([prompts.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
-    if not for_generate:
+    if seq2seq or not for_generate:  # a decoder-only generate() returns input_ids + new tokens, so it keeps them
         inputs.pop("input_ids", None)
 
     mask = inputs.get("attention_mask")
@@ -256,7 +261,7 @@ def _with_prompts(peft_model: nn.Module, inputs: dict[str, Any], for_generate: b
         zeros = torch.zeros(batch, n, dtype=token_types.dtype, device=token_types.device)
         inputs["token_type_ids"] = torch.cat([zeros, token_types], dim=1)
     labels = inputs.get("labels")
-    if labels is not None and _token_level(config, labels, batch, length):
+    if labels is not None and not seq2seq and _token_level(config, labels, batch, length):
         ignored = torch.full((batch, n), -100, dtype=labels.dtype, device=labels.device)
         inputs["labels"] = torch.cat([ignored, labels], dim=1)
     return inputs
@@ -286,16 +291,19 @@ class PromptTuningMethod(pl.PromptLearningMethod):
         base = peft_model.get_base_model()
         if peft_model._disabled:
             return base(*args, **kwargs)
-        return base(**_with_prompts(peft_model, pl.bind_inputs(args, kwargs), for_generate=False))
+        inputs = pl.bind_inputs(args, kwargs, seq2seq=pl.is_encoder_decoder(base))
+        return base(**_with_prompts(peft_model, inputs, for_generate=False))
 
     def generate(self, peft_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Generate from the prompted embeddings. The returned ids are `input_ids` + new tokens, as with the base
-        model (only the new tokens when called with inputs_embeds alone)."""
+        model (only the new tokens when called with inputs_embeds alone; an encoder-decoder model returns the
+        decoder's tokens, as it always does)."""
         base = peft_model.get_base_model()
         if peft_model._disabled:
             return base.generate(*args, **kwargs)
         inputs = pl.check_generate_args(args, kwargs)
-        pl.length_as_new_tokens(inputs)
+        if not pl.is_encoder_decoder(base):  # an encoder-decoder's max_length counts decoder tokens already
+            pl.length_as_new_tokens(inputs)
         return base.generate(**_with_prompts(peft_model, inputs, for_generate=True))
 
 

@@ -49,10 +49,10 @@ class PromptLearningConfig(PeftConfig):
         n = self.num_virtual_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ConfigError(f"num_virtual_tokens must be a positive integer (e.g. 20), got {n!r}.")
-        if self.task_type == "SEQ_2_SEQ_LM" or self.num_transformer_submodules not in (None, 1):
+        if self.num_transformer_submodules not in (None, 1, 2):
             raise ConfigError(
-                "deltatune's prompt-learning methods support decoder-only and encoder models "
-                "(num_transformer_submodules=1); encoder-decoder models (SEQ_2_SEQ_LM) are not supported."
+                "num_transformer_submodules is 1 (decoder-only and encoder models) or 2 (encoder-decoder models, "
+                f"the default with task_type='SEQ_2_SEQ_LM'); got {self.num_transformer_submodules!r}."
             )
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = sorted(self.modules_to_save)
@@ -112,8 +112,18 @@ def fill_model_fields(config: PromptLearningConfig, model: nn.Module, kv_heads: 
         config.num_attention_heads = kv
     if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
-    if config.num_transformer_submodules is None:
-        config.num_transformer_submodules = 1
+    if config.num_transformer_submodules is None:  # peft's default
+        config.num_transformer_submodules = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
+    if config.num_transformer_submodules == 2 and not is_encoder_decoder(model):
+        raise ConfigError(
+            f"num_transformer_submodules=2 (task_type='SEQ_2_SEQ_LM') is for encoder-decoder models, and "
+            f"{type(model).__name__} is not one; use task_type='CAUSAL_LM' (or another) for it."
+        )
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """T5, BART and their kind: the prompts go to the encoder's input, prefixes to the decoder's self-attention."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def add_encoder(peft_model: nn.Module, adapter_name: str, encoder: nn.Module) -> None:
@@ -148,16 +158,24 @@ def _head_modules(peft_model: nn.Module, adapter_name: str) -> dict[str, nn.Modu
 
 # --- inputs -------------------------------------------------------------------------------------------------------
 _POSITIONAL = ("input_ids", "attention_mask", "inputs_embeds", "labels")  # peft's forward order
+_POSITIONAL_SEQ2SEQ = (
+    "input_ids",
+    "attention_mask",
+    "inputs_embeds",
+    "decoder_input_ids",
+    "decoder_attention_mask",
+    "decoder_inputs_embeds",
+    "labels",
+)
 
 
-def bind_inputs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Positional arguments as peft's prompt-learning forward names them."""
-    if len(args) > len(_POSITIONAL):
-        raise TypeError(
-            f"Pass at most {len(_POSITIONAL)} positional inputs ({', '.join(_POSITIONAL)}); use keywords."
-        )
+def bind_inputs(args: tuple, kwargs: dict[str, Any], seq2seq: bool = False) -> dict[str, Any]:
+    """Positional arguments as peft's prompt-learning forward names them (its seq2seq forward has its own order)."""
+    order = _POSITIONAL_SEQ2SEQ if seq2seq else _POSITIONAL
+    if len(args) > len(order):
+        raise TypeError(f"Pass at most {len(order)} positional inputs ({', '.join(order)}); use keywords.")
     kwargs = dict(kwargs)
-    for name, value in zip(_POSITIONAL, args):
+    for name, value in zip(order, args):
         if name in kwargs:
             raise TypeError(f"Got two values for {name!r} (positional and keyword).")
         kwargs[name] = value
