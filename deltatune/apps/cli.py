@@ -193,6 +193,10 @@ def merge_adapters(
     from deltatune.models import load_model_and_tokenizer
     from deltatune.train.tasks import TASKS
 
+    try:
+        numbers = [float(w) for w in weights.split(",")]
+    except ValueError:
+        fail(f"--weights takes numbers separated by commas (e.g. 0.7,0.3), got {weights!r}.")
     first = PeftConfig.from_pretrained(adapters[0])
     base_name = model or first.base_model_name_or_path
     if not base_name:
@@ -208,7 +212,7 @@ def merge_adapters(
     torch.manual_seed(seed)
     report = peft_model.add_weighted_adapter(
         names,
-        [float(w) for w in weights.split(",")],
+        numbers,
         "default",
         combination,
         svd_rank=rank,
@@ -220,7 +224,7 @@ def merge_adapters(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        typer.echo(str(report).replace("'default' ", ""))
+        typer.echo(str(report))
     typer.echo(f"combined adapter saved to {os.path.abspath(output)}", err=as_json)
 
 

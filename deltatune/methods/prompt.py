@@ -243,7 +243,8 @@ def _with_prompts(peft_model: nn.Module, inputs: dict[str, Any], for_generate: b
         embeds = pl.word_embeddings(base)(input_ids)
     prompts = pl.encoder_of(peft_model, name)()[:n].to(embeds.dtype)
     inputs["inputs_embeds"] = torch.cat([prompts.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
-    if seq2seq or not for_generate:  # a decoder-only generate() returns input_ids + new tokens, so it keeps them
+    # A decoder-only generate() returns input_ids + new tokens, so it keeps them.
+    if seq2seq or not for_generate:
         inputs.pop("input_ids", None)
 
     mask = inputs.get("attention_mask")
