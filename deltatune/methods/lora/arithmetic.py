@@ -155,11 +155,12 @@ def relative_error(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> fl
 # --- the report ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class LayerCombination:
-    module: str  # the layer's name in the model
+    """One layer of the result: its rank and how far it is from the update it stands for (None for the
+    factor-level pruning kinds, whose result is defined by the factors alone)."""
+
+    module: str
     rank: int  # rows of the new factors this layer uses (at most the adapter's rank)
-    relative_error: (
-        float | None
-    )  # vs the update the result stands for; None for the factor-level pruning kinds
+    relative_error: float | None
 
 
 @dataclasses.dataclass
