@@ -59,10 +59,10 @@ class LoraLayer(AdapterLayer):
             dora.init_magnitude(self, name)
 
     supports_dora = True
-    out_axis = (
-        0  # the axis of the output features in `base_weight()` (DoRA's per-output magnitude runs along it)
-    )
-    feature_axis = -1  # the axis of the output features in the layer's output
+    # Where the output features lie (DoRA's per-output magnitude runs along them): in `base_weight()`, and in the
+    # layer's output.
+    out_axis = 0
+    feature_axis = -1
 
     @property
     def _dtype(self) -> torch.dtype:
