@@ -17,6 +17,13 @@ from deltatune.inject import is_gpt2_conv1d
 from deltatune.quant import dequantize_for_merge, dequantize_weight, is_quantized, keep_standard_layout
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in float32 if it is in a narrower float type: merges compute in float32 and round once."""
+    if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < 32:
+        return tensor.float()
+    return tensor
+
+
 class Wrapper(nn.Module):
     """What every module deltatune puts in place of one of the model's own shares with peft's layers: the wrapped
     module stays reachable (`get_base_layer()`), and any attribute the wrapper lacks (`weight`, `bias`,
@@ -69,6 +76,7 @@ class AdapterLayer(Wrapper):
         keep_standard_layout(base_layer)  # bitsandbytes 4-bit: see deltatune.quant.keep_standard_layout
         self._active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self._original: dict[str, object] | None = None  # the base tensors before the first merge, if kept
         self._disable_adapters = False
 
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -136,15 +144,19 @@ class AdapterLayer(Wrapper):
         return weight.T if self.fan_in_fan_out else weight
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """The change adapter `name` makes to `base_weight()`, in the same layout."""
+        """The change adapter `name` makes to `base_weight()`, in the same layout, in float32 or wider
+        (`at_least_float32`), so a merge into a half-precision weight rounds once."""
         raise MergeError(f"{type(self).__name__} cannot be merged into the base weights.")
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The base weight after merging adapter `name` (additive by default; DoRA and IA3 override)."""
-        return weight + self.delta_weight(name).to(weight.dtype)
+        """The base weight after merging adapter `name` (additive by default; DoRA and IA3 override): computed in
+        float32 and rounded once to the weight's dtype, the correctly rounded W + dW."""
+        return (at_least_float32(weight) + self.delta_weight(name)).to(weight.dtype)
 
     def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return weight - self.delta_weight(name).to(weight.dtype)
+        """The inverse of `merged_weight`, used only when the originals were not kept (rounding makes it
+        approximate: within one unit in the last place of the weight's dtype)."""
+        return (at_least_float32(weight) - self.delta_weight(name)).to(weight.dtype)
 
     def _write_weight(self, weight: torch.Tensor) -> None:
         if is_quantized(self.base_layer):
@@ -159,41 +171,123 @@ class AdapterLayer(Wrapper):
         """Whether merging `name` is W + delta_weight (subclasses with another rule, like DoRA, say no)."""
         return type(self).merged_weight is AdapterLayer.merged_weight
 
-    def _adds_in_place(self, name: str, safe_merge: bool) -> bool:
-        """A plain additive merge into a float weight can update it in place (safe_merge needs the result first)."""
-        return self.merges_additively(name) and not safe_merge and not is_quantized(self.base_layer)
+    # --- merging -------------------------------------------------------------------------------
+    # Rounding makes W + dW - dW differ from W in low precision (and in float32), so an unmerge that subtracts
+    # drifts the base a little on every merge/unmerge cycle. With `keep_original` (the default) a layer keeps the
+    # tensors merging changes (`merge_changes`; for a quantized base, the quantized module itself) as they were
+    # before its first merge, and unmerging restores them bit for bit. `merge_and_unload` needs no way back and
+    # keeps nothing.
+    merge_changes: tuple[str, ...] = ("weight",)  # the base module's tensors a merge rewrites (IA3: and bias)
+
+    @property
+    def keeps_original(self) -> bool:
+        """Whether `unmerge()` restores the base tensors bit-exactly (the originals were kept at the first merge)."""
+        return self._original is not None
+
+    def _snapshot(self) -> dict[str, object]:
+        if is_quantized(self.base_layer):  # merging swaps in a float layer; keeping the module is free
+            return {"module": self.base_layer}
+        saved = {}
+        for attr in self.merge_changes:
+            tensor = getattr(self.base_layer, attr, None)
+            if isinstance(tensor, torch.Tensor):
+                saved[attr] = tensor.detach().clone()
+        return saved
+
+    def _restore(self, snapshot: dict[str, object]) -> None:
+        if "module" in snapshot:
+            self.base_layer = snapshot["module"]
+            return
+        for attr, tensor in snapshot.items():
+            getattr(self.base_layer, attr).data.copy_(tensor)
+
+    def _merge_one(self, name: str) -> None:
+        """Fold adapter `name` into the base tensors: W + dW in place for a float additive merge, else the
+        subclass's rule (`merged_weight`), each computed in float32 and rounded once."""
+        if is_quantized(self.base_layer):  # merging dequantizes the layer; see deltatune/quant.py
+            new = self.merged_weight(name, self.base_weight())
+            self.base_layer = dequantize_for_merge(self.base_layer)
+            self._write_weight(new)
+        elif self.merges_additively(name):  # the common case: no second full-precision copy of W is kept
+            weight = self.base_layer.weight.data
+            delta = self.delta_weight(name)
+            delta = delta.T if self.fan_in_fan_out else delta
+            if weight.dtype == delta.dtype:
+                weight.add_(delta)
+            else:
+                weight.copy_((at_least_float32(weight) + delta).to(weight.dtype))
+        else:
+            self._write_weight(self.merged_weight(name, self.base_weight()))
+
+    def _unmerge_one(self, name: str) -> None:
+        """Undo one merge by its inverse rule (used only when the originals were not kept)."""
+        self._write_weight(self.unmerged_weight(name, self.base_weight()))
+
+    def _pending(self, adapter_names: list[str] | None) -> list[str]:
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        return [n for n in dict.fromkeys(names) if n in self.adapter_names and n not in self.merged_adapters]
 
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    def check_merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Raise MergeError if these adapters cannot be merged (or, with `safe_merge`, would put NaN/inf into
+        the weights); changes nothing."""
         if not self.mergeable:
             raise MergeError(
                 f"{type(self).__name__} adapters change activations, not weights, and cannot be merged."
             )
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.merged_adapters or name not in self.adapter_names:
-                continue
-            if self._adds_in_place(name, safe_merge):  # the common case: W += delta, no copy of W
-                delta = self.delta_weight(name).to(self.base_layer.weight.dtype)
-                self.base_layer.weight.data.add_(delta.T if self.fan_in_fan_out else delta)
-                self.merged_adapters.append(name)
-                continue
-            new = self.merged_weight(name, self.base_weight().clone())
-            if safe_merge and not torch.isfinite(new).all():
+        if not safe_merge:
+            return
+        weight = self.base_weight()
+        for name in self._pending(adapter_names):
+            weight = self.merged_weight(name, weight)
+            if not torch.isfinite(weight).all():
                 raise MergeError(
                     f"Merging adapter {name!r} would put NaN/inf into the weights; nothing was merged."
                 )
-            if is_quantized(self.base_layer):  # merging dequantizes the layer; see deltatune/quant.py
-                self.base_layer = dequantize_for_merge(self.base_layer)
-            self._write_weight(new)
-            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def merge(
+        self, safe_merge: bool = False, adapter_names: list[str] | None = None, keep_original: bool = True
+    ) -> None:
+        """Fold adapters (default: the active ones) into the base weights, all or none of them.
+
+        `safe_merge` checks for NaN/inf before anything is written. `keep_original` keeps the tensors as they were
+        before the first merge so `unmerge()` restores them exactly (costs one copy of each merged weight)."""
+        self.check_merge(adapter_names, safe_merge)
+        names = self._pending(adapter_names)
+        if not names:
+            return
+        if keep_original and not self.merged_adapters:
+            self._original = self._snapshot()
+        done = len(self.merged_adapters)
+        try:
+            for name in names:
+                self._merge_one(name)
+                self.merged_adapters.append(name)
+        except BaseException:
+            self.unmerge(len(self.merged_adapters) - done)
+            raise
 
     @torch.no_grad()
     def unmerge(self, count: int | None = None) -> None:
-        """Undo the last `count` merges (all by default), newest first, so each step inverts exactly one merge."""
+        """Undo the last `count` merges (all by default). With the originals kept, the base tensors are restored
+        bit-exactly and the merges that stay are redone (a merge is deterministic); otherwise each merge is undone
+        by its inverse rule, newest first."""
         count = len(self.merged_adapters) if count is None else count
-        for _ in range(count):
-            name = self.merged_adapters.pop()
-            self._write_weight(self.unmerged_weight(name, self.base_weight().clone()))
+        if count <= 0:
+            return
+        stay = self.merged_adapters[: len(self.merged_adapters) - count]
+        if self._original is None:
+            for _ in range(count):
+                self._unmerge_one(self.merged_adapters.pop())
+            return
+        self._restore(self._original)
+        self.merged_adapters = []
+        if not stay:
+            self._original = None
+        for name in stay:
+            self._merge_one(name)
+            self.merged_adapters.append(name)
 
 
 class ModulesToSave(Wrapper):

@@ -297,26 +297,39 @@ class PeftModel(nn.Module):
     def _weight_layers(self) -> list[AdapterLayer]:
         return [m for m in self.get_base_model().modules() if isinstance(m, AdapterLayer)]
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the adapters into the base weights (inference gets the base model's speed). All or nothing."""
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False, keep_original: bool = True
+    ) -> None:
+        """Fold adapters (default: the active ones) into the base weights, all of them or none.
+
+        Everything that can refuse is checked before a weight changes: unknown names, adapters that cannot merge,
+        and (with `safe_merge`) NaN/inf in any merged weight. Each merged weight is computed in float32 and rounded
+        once. With `keep_original` (the default) each layer keeps its weights as they were, so `unmerge_adapter()`
+        and `unload()` restore them bit-exactly; that costs one copy of every merged weight until unmerged."""
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        names = list(names) if names is not None else list(self._active)
+        self._check_known(names)
         if not self.method.mergeable:
             raise MergeError(
                 f"{self.active_peft_config.peft_type} adapters change the model's inputs or activations, not its weights, so they "
                 "cannot be merged; keep the PeftModel (or use unload() to get the plain base model back)."
             )
-        names = adapter_names if adapter_names is not None else self._active
+        layers = [layer for layer in self._weight_layers() if layer._pending(names)]
+        for layer in layers:  # every refusal before the first weight changes
+            layer.check_merge(names, safe_merge)
         done: list[tuple[AdapterLayer, int]] = []
         try:
-            for layer in self._weight_layers():
+            for layer in layers:
                 before = len(layer.merged_adapters)
-                layer.merge(safe_merge, names)
+                layer.merge(adapter_names=names, keep_original=keep_original)
                 done.append((layer, len(layer.merged_adapters) - before))
-        except Exception:
+        except BaseException:
             for layer, count in done:
                 layer.unmerge(count)
             raise
 
     def unmerge_adapter(self) -> None:
+        """Undo every merge; bit-exact where the originals were kept (`merge_adapter`'s default)."""
         layers = [m for m in self._weight_layers() if m.merged]
         if not layers:
             raise MergeError("Nothing is merged, so there is nothing to unmerge.")
@@ -326,12 +339,20 @@ class PeftModel(nn.Module):
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
-        """Merge the active adapters and return the plain base model with the merged weights."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return self.unload()
+        """Merge the active adapters and return the plain base model with the merged weights (no originals are
+        kept: the wrappers, and any way back, go away)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge, keep_original=False)
+        return self._remove_wrappers()
 
     def unload(self) -> nn.Module:
-        """Remove every adapter wrapper without merging; returns the base model (with trained heads kept)."""
+        """The base model without the adapter wrappers and with its original weights: merged adapters are unmerged
+        first (bit-exactly where the originals were kept). Trained heads (modules_to_save) are kept."""
+        for layer in self._weight_layers():
+            if layer.merged:
+                layer.unmerge()
+        return self._remove_wrappers()
+
+    def _remove_wrappers(self) -> nn.Module:
         model = self.get_base_model()
         for key, module in list(model.named_modules()):
             if isinstance(module, AdapterLayer):

@@ -32,6 +32,7 @@ from torch import nn
 from deltatune.checkpoint import PREFIX
 from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import find_targets, is_linear, replace_module
+from deltatune.layer import at_least_float32
 from deltatune.method import Method, Variant
 from deltatune.methods.lora import LoraConfig, LoraLayer
 from deltatune.quant import is_quantized
@@ -142,13 +143,15 @@ class AdaLoraLayer(LoraLayer):
         p = self.dropout[name]
         return F.dropout(x, p, training=True) if (p > 0 and self.training) else x
 
-    def _factor(self, name: str) -> torch.Tensor:
-        """B (A * E) * scaling / ranknum, flattened to (out, in)."""
+    def _factor(self, name: str, for_merge: bool = False) -> torch.Tensor:
+        """B (A * E) * scaling / ranknum, flattened to (out, in); for a merge, in float32 or wider."""
         a, b, e = self.lora_A[name], self.lora_B[name], self.lora_E[name]
+        if for_merge:
+            a, b, e = at_least_float32(a), at_least_float32(b), at_least_float32(e)
         return b @ (a * e) * self.scaling[name] / (self.ranknum[name] + _EPS)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        return self._factor(name).reshape(self.base_weight().shape)
+        return self._factor(name, for_merge=True).reshape(self.base_weight().shape)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

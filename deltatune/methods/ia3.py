@@ -22,7 +22,7 @@ from torch import nn
 from deltatune.config import PeftConfig
 from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import find_targets, is_linear, replace_module
-from deltatune.layer import AdapterLayer
+from deltatune.layer import AdapterLayer, at_least_float32
 from deltatune.method import Method, Variant
 
 # peft's defaults for configs that leave target_modules / feedforward_modules unset (peft/utils/constants.py),
@@ -152,6 +152,7 @@ class IA3Layer(AdapterLayer):
     """A layer whose output (or, for feedforward layers, input) is multiplied by each active adapter's vector."""
 
     adapter_attrs = ("ia3_l",)
+    merge_changes = ("weight", "bias")  # output scaling rescales the bias too
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -216,38 +217,34 @@ class IA3Layer(AdapterLayer):
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         scale = self._weight_scale(name, weight)
-        if (scale == 0).any():
-            warnings.warn(
-                f"IA3 adapter {name!r} has zero entries; merging it cannot be undone exactly.", stacklevel=3
-            )
-        return (weight.float() * scale.float()).to(weight.dtype)
+        return (at_least_float32(weight) * at_least_float32(scale)).to(weight.dtype)
 
     def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return (weight.float() / self._weight_scale(name, weight).float()).to(weight.dtype)
+        scale = self._weight_scale(name, weight)
+        return (at_least_float32(weight) / at_least_float32(scale)).to(weight.dtype)
 
     def _scale_bias(self, name: str, inverse: bool) -> None:
         """Output scaling multiplies the bias too (l * (W x + b)); input scaling leaves it alone."""
         bias = getattr(self.base_layer, "bias", None)
         if self.is_feedforward[name] or not isinstance(bias, torch.Tensor):
             return
-        scale = self.ia3_l[name].reshape(bias.shape).float()
-        new = bias.float() / scale if inverse else bias.float() * scale
+        scale = at_least_float32(self.ia3_l[name].reshape(bias.shape))
+        new = at_least_float32(bias) / scale if inverse else at_least_float32(bias) * scale
         bias.data.copy_(new.to(bias.dtype))
 
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        before = len(self.merged_adapters)
-        super().merge(safe_merge, adapter_names)
-        for name in self.merged_adapters[before:]:
-            self._scale_bias(name, inverse=False)
+    def _merge_one(self, name: str) -> None:
+        if not self.keeps_original and (self.ia3_l[name] == 0).any():
+            warnings.warn(
+                f"IA3 adapter {name!r} has zero entries and the original weights are not kept "
+                "(keep_original=False); unmerging it cannot restore them.",
+                stacklevel=4,
+            )
+        super()._merge_one(name)
+        self._scale_bias(name, inverse=False)
 
-    @torch.no_grad()
-    def unmerge(self, count: int | None = None) -> None:
-        count = len(self.merged_adapters) if count is None else count
-        undone = self.merged_adapters[len(self.merged_adapters) - count :]
-        super().unmerge(count)
-        for name in reversed(undone):
-            self._scale_bias(name, inverse=True)
+    def _unmerge_one(self, name: str) -> None:
+        super()._unmerge_one(name)
+        self._scale_bias(name, inverse=True)
 
 
 def _fill_defaults(model: nn.Module, config: IA3Config) -> None:

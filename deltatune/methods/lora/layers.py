@@ -16,7 +16,7 @@ from torch import nn
 
 from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import is_linear
-from deltatune.layer import AdapterLayer
+from deltatune.layer import AdapterLayer, at_least_float32
 from deltatune.methods.lora import dora, serving
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.fused import can_fuse, lora_linear
@@ -195,7 +195,8 @@ class LoraLinear(LoraLayer):
         self._write_weight((w - s * b @ a).to(weight.dtype))
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        b, a = at_least_float32(self.lora_B[name].weight), at_least_float32(self.lora_A[name].weight)
+        return (b @ a) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         running = self.running_adapters()
@@ -239,7 +240,8 @@ class LoraEmbedding(LoraLayer):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+        b, a = at_least_float32(self.lora_embedding_B[name]), at_least_float32(self.lora_embedding_A[name])
+        return (b @ a).T * self.scaling[name]
 
     def _input(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return x  # token ids: no cast, no dropout (as in peft)
@@ -275,7 +277,7 @@ class LoraConv(LoraLayer):
         self.lora_B[name] = conv(r, base.out_channels, 1, 1, bias=False, **kwargs)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        a, b = at_least_float32(self.lora_A[name].weight), at_least_float32(self.lora_B[name].weight)
         conv = F.conv1d if a.dim() == 3 else F.conv2d
         # Composing the two convs: treat A's input channels as a batch and apply B as a 1x1 conv.
         return conv(a.transpose(0, 1), b).transpose(0, 1) * self.scaling[name]
