@@ -92,12 +92,28 @@ def test_merge_gives_a_model_transformers_loads(trained, tmp_path):
 
     result = cli("merge", trained, tmp_path / "merged")
     assert result.exit_code == 0, result.output
+    assert "tensors equal" in result.output  # what was written was reloaded and compared
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     peft_model, _, _ = load_run(str(trained))
     x = tok(["great fun movie", "awful plot"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(merged(**x).logits, peft_model(**x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_writes_where_asked_or_refuses_with_the_reason(trained, tmp_path, monkeypatch):
+    import transformers
+
+    target = tmp_path / "merged.safetensors"
+    target.write_text("keep me")
+    result = cli("merge", trained, target)
+    assert result.exit_code == 2 and "is an existing file" in result.output
+    assert target.read_text() == "keep me"
+    result = cli("merge", trained, trained)
+    assert result.exit_code == 2 and "the run's own folder" in result.output
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", lambda self, path: None)
+    result = cli("merge", trained, tmp_path / "nothing")  # a save that silently writes nothing is caught
+    assert result.exit_code == 2 and "Nothing was written" in result.output
 
 
 def test_inspect_adapter_and_model(trained, workdir):
@@ -242,6 +258,8 @@ def test_causal_lm_instruction_recipe_trains_evaluates_and_generates(tmp_path):
         {"instruction": "say", "input": w, "output": f"{w} film"} for w in ("good", "bad", "fun", "sad")
     ] * 3
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    held_out = [{"instruction": "say", "input": w, "output": f"{w} film"} for w in ("fine", "happy")]
+    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in held_out))
     result = cli(
         "train",
         _write(
@@ -250,7 +268,7 @@ def test_causal_lm_instruction_recipe_trains_evaluates_and_generates(tmp_path):
                 "model": str(tmp_path / "llama"),
                 "task": "causal-lm",
                 "train_file": str(tmp_path / "train.jsonl"),
-                "eval_file": str(tmp_path / "train.jsonl"),
+                "eval_file": str(tmp_path / "dev.jsonl"),
                 "max_steps": 2,
                 "batch_size": 4,
                 "lr": 1e-3,

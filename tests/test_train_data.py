@@ -10,11 +10,14 @@ from deltatune.train.data import (
     DataError,
     LabelMap,
     clean_table,
+    connected_rows,
+    deduplicate,
     epoch_batches,
+    grouped_split,
     load_table,
+    normalize_text,
     pad_batch,
     require_columns,
-    split_table,
     tokenize_instruction,
 )
 
@@ -88,17 +91,52 @@ def test_cleaning_steps(tmp_path):
     table = load_table(write_csv(str(tmp_path / "d.csv"), rows))
     untouched = clean_table(table, ["text"], Cleaning())
     assert len(untouched) == 5
-    cleaned = clean_table(table, ["text"], Cleaning(True, True, True, True, True))
-    assert list(cleaned["text"]) == ["Good & fine", "spaced out", "fine"]
+    cleaned = clean_table(table, ["text"], Cleaning(True, True, True, True))
+    # duplicates are not clean_table's job: `deduplicate` drops them once over all the training data
+    assert list(cleaned["text"]) == ["Good & fine", "spaced out", "fine", "Good & fine"]
 
 
-def test_split_is_seeded_and_70_20_10(tmp_path):
-    table = load_table(write_csv(str(tmp_path / "d.csv"), [(f"row {i}", i % 2) for i in range(100)]))
-    a, b = split_table(table, seed=1), split_table(table, seed=1)
+def test_split_is_seeded_stratified_and_70_20_10():
+    inputs = [f"row {i}" for i in range(100)]
+    labels = [i % 2 for i in range(100)]
+    a = grouped_split(connected_rows(inputs), labels, (0.7, 0.2, 0.1), seed=1)
+    b = grouped_split(connected_rows(inputs), labels, (0.7, 0.2, 0.1), seed=1)
     assert [len(a[k]) for k in ("train", "validation", "test")] == [70, 20, 10]
-    assert list(a["test"]["text"]) == list(b["test"]["text"])
-    assert set(a["train"]["text"]).isdisjoint(list(a["validation"]["text"]) + list(a["test"]["text"]))
-    assert list(split_table(table, seed=2)["test"]["text"]) != list(a["test"]["text"])
+    assert a == b
+    assert [sum(labels[i] for i in a[k]) for k in ("train", "validation", "test")] == [35, 10, 5]
+    assert set(a["train"]).isdisjoint(a["validation"] + a["test"])
+    assert grouped_split(connected_rows(inputs), labels, (0.7, 0.2, 0.1), seed=2)["test"] != a["test"]
+
+
+def test_a_rare_class_reaches_every_split():
+    """12 rows, 3 of class 'rare': a plain 70/20/10 shuffle often leaves it out of validation or test."""
+    labels = ["common"] * 9 + ["rare"] * 3
+    for seed in range(20):
+        parts = grouped_split(list(range(12)), labels, (0.7, 0.2, 0.1), seed)
+        assert all("rare" in {labels[i] for i in parts[k]} for k in parts), (seed, parts)
+
+
+def test_copies_and_groups_never_straddle_splits():
+    # rows 0 and 1 are one text; rows 1 and 2 share a user, rows 3 and 4 another
+    inputs = [normalize_text(t) for t in ["A  b", "a b", "c", "d", "e", "f", "g", "h"]]
+    groups = ["u1", "u2", "u2", "u3", "u3", "u4", "u5", "u6"]
+    components = connected_rows(inputs, groups)
+    assert components[0] == components[1] == components[2] and components[3] == components[4]
+    for seed in range(10):
+        parts = grouped_split(components, [0] * 8, (0.5, 0.25, 0.25), seed)
+        where = {i: k for k, rows in parts.items() for i in rows}
+        assert where[0] == where[1] == where[2] and where[3] == where[4]
+
+
+def test_deduplicate_drops_copies_and_conflicting_labels():
+    inputs = ["x", "x", "y", "y", "y", "z", "z"]
+    answers = ["1", "1", "0", "1", "1", "0", "1"]
+    keep, dropped, conflicting = deduplicate(inputs, answers, True, "drop")
+    assert keep == [0] and dropped == {"duplicate": 1, "conflicting_label": 5} and conflicting == 2
+    keep, dropped, _ = deduplicate(inputs, answers, True, "majority")  # y -> 1 (2 of 3); z is a tie: dropped
+    assert keep == [0, 3] and dropped == {"duplicate": 2, "conflicting_label": 3}
+    keep, dropped, _ = deduplicate(inputs, answers, False, None)  # generation: one prompt, several answers
+    assert keep == list(range(7)) and dropped == {"duplicate": 0, "conflicting_label": 0}
 
 
 def test_label_maps_for_strings_and_ints():

@@ -155,15 +155,14 @@ def merge(
     adapter: str = typer.Argument(..., help="An output_dir written by `deltatune train`."),
     output: str = typer.Argument(..., help="Folder for the merged model (loads with transformers)."),
 ):
-    """Fold the adapter into the base weights and save a plain transformers model with its tokenizer."""
-    from deltatune.train.recipe import load_run
+    """Fold the adapter into the base weights and save a plain transformers model with its tokenizer; what was
+    written is reloaded and checked tensor by tensor."""
+    from deltatune.train.recipe import merge_run
 
-    model, task, run = load_run(adapter)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(output)
-    if task.tokenizer is not None:
-        task.tokenizer.save_pretrained(output)
-    typer.echo(f"merged model saved to {os.path.abspath(output)}")
+    result = merge_run(adapter, output)
+    typer.echo(
+        f"merged model saved to {result['output']} (reloaded: {result['tensors_checked']} tensors equal)"
+    )
 
 
 @app.command("merge-adapters")

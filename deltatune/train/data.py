@@ -15,6 +15,7 @@ import os
 import random
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,17 +100,18 @@ def require_columns(table, columns: dict[str, str | None], source: str) -> None:
 # --- cleaning ------------------------------------------------------------------------------------
 @dataclass
 class Cleaning:
-    """Opt-in text cleaning; every step is off unless asked for."""
+    """Text cleaning; the text steps and drop_empty are opt-in. Duplicates are dropped by default, once over all
+    the training data before it is split (`deduplicate`), so copies of one row never sit on both sides."""
 
     strip_html: bool = False
     normalize_whitespace: bool = False
     normalize_unicode: bool = False
     drop_empty: bool = False
-    drop_duplicates: bool = False
+    drop_duplicates: bool = True
 
     @property
-    def any(self) -> bool:
-        return any(vars(self).values())
+    def any_text_step(self) -> bool:
+        return self.strip_html or self.normalize_whitespace or self.normalize_unicode or self.drop_empty
 
 
 _TAG = re.compile(r"<[^>]+>")
@@ -126,8 +128,9 @@ def clean_text(text: str, options: Cleaning) -> str:
 
 
 def clean_table(table, text_columns: Sequence[str], options: Cleaning):
-    """Apply the chosen cleaning steps to the text columns; drops happen after the text is cleaned."""
-    if not options.any:
+    """Apply the chosen text steps to the text columns, then drop empty rows if asked (duplicates are
+    `deduplicate`'s job, over all the data at once)."""
+    if not options.any_text_step:
         return table
     text_columns = [c for c in text_columns if c]
 
@@ -140,37 +143,128 @@ def clean_table(table, text_columns: Sequence[str], options: Cleaning):
             lambda row: all(row[c] is not None and str(row[c]).strip() != "" for c in text_columns),
             keep_in_memory=True,
         )
-    if options.drop_duplicates:
-        seen: set = set()
-        keep = []
-        for i, row in enumerate(table):
-            key = tuple(str(row[c]) for c in table.column_names)
-            if key not in seen:
-                seen.add(key)
-                keep.append(i)
-        table = table.select(keep)
     if len(table) == 0:
         raise DataError("No rows are left after cleaning; check the text columns or switch off drop_empty.")
     return table
 
 
-def split_table(table, ratios: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0) -> dict[str, Any]:
-    """Seeded train/validation/test split of one table (used when only a training file is given)."""
+# --- leak-free splits ----------------------------------------------------------------------------
+# A score is honest only if no evaluation row was seen in training. Rows are compared by their normalized input
+# (`normalize_text`); copies are dropped once over all the training data, before it is split; rows that share an
+# input or a group (a user, a product, a document) always land in the same split; each label is divided by the
+# split ratios (stratified), so a small class is not missing from validation by chance.
+SPLITS = ("train", "validation", "test")
+
+
+def normalize_text(value: Any) -> str:
+    """The form under which two inputs count as the same: Unicode NFKC, case-folded, whitespace collapsed
+    (a list, like token-classification tokens, is joined by spaces)."""
+    if isinstance(value, (list, tuple)):
+        value = " ".join(map(str, value))
+    return " ".join(unicodedata.normalize("NFKC", str(value)).casefold().split())
+
+
+def deduplicate(
+    inputs: Sequence[str], answers: Sequence[str], drop_duplicates: bool, conflicting_labels: str | None
+) -> tuple[list[int], dict[str, int], int]:
+    """(rows to keep, rows dropped per reason, number of inputs with conflicting labels).
+
+    `conflicting_labels` handles one input seen with different labels: "drop" every row of it, keep the
+    "majority" label's rows (an input without a strict majority is dropped), or None (the task has no classes:
+    one prompt may have several good answers)."""
+    rows_of: dict[str, list[int]] = {}
+    for i, key in enumerate(inputs):
+        rows_of.setdefault(key, []).append(i)
+    keep, conflicting, dropped = [], 0, {"duplicate": 0, "conflicting_label": 0}
+    for rows in rows_of.values():
+        counts = Counter(answers[i] for i in rows)
+        if conflicting_labels is not None and len(counts) > 1:
+            conflicting += 1
+            (top, n_top), (_, n_next) = counts.most_common(2)
+            winner = top if conflicting_labels == "majority" and n_top > n_next else None
+            survivors = [i for i in rows if answers[i] == winner]
+            dropped["conflicting_label"] += len(rows) - len(survivors)
+            rows = survivors
+        seen: set[str] = set()
+        for i in rows:
+            if drop_duplicates and answers[i] in seen:
+                dropped["duplicate"] += 1
+                continue
+            seen.add(answers[i])
+            keep.append(i)
+    return sorted(keep), dropped, conflicting
+
+
+def connected_rows(inputs: Sequence[str], groups: Sequence[Any] | None = None) -> list[int]:
+    """A component id per row: rows sharing an input, or a group value, are (transitively) one component."""
+    parent = list(range(len(inputs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for keys in (inputs, groups or ()):
+        first: dict[Any, int] = {}
+        for i, key in enumerate(keys):
+            if key in first:
+                parent[root(i)] = root(first[key])
+            else:
+                first[key] = i
+    return [root(i) for i in range(len(inputs))]
+
+
+def _targets(n: int, ratios: Sequence[float]) -> list[int]:
+    """Rows per split for a stratum of n rows: largest remainders, and one row for every split with a share
+    while there are rows enough (so a class is in every split whenever it can be)."""
+    exact = [r * n for r in ratios]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(ratios)), key=lambda k: (-(exact[k] - counts[k]), k))
+    for k in by_remainder[: n - sum(counts)]:
+        counts[k] += 1
+    wanted = [k for k, r in enumerate(ratios) if r > 0]
+    if n >= len(wanted):
+        for k in wanted:
+            if counts[k] == 0:
+                counts[max(range(len(counts)), key=lambda j: counts[j])] -= 1
+                counts[k] += 1
+    return counts
+
+
+def grouped_split(
+    components: Sequence[int], strata: Sequence[Any], ratios: Sequence[float], seed: int
+) -> dict[str, list[int]]:
+    """Row indices per split: whole components only, each stratum divided by the ratios (seeded).
+
+    Components are taken in a seeded random order and each goes to the split furthest below its target for
+    the component's stratum (its most common one); with single-row components the targets are met exactly."""
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
         raise DataError(f"split ratios must be three non-negative numbers that sum to 1, got {list(ratios)}.")
-    n = len(table)
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_train = int(round(ratios[0] * n))
-    n_val = int(round(ratios[1] * n))
-    parts = {
-        "train": order[:n_train],
-        "validation": order[n_train : n_train + n_val],
-        "test": order[n_train + n_val :],
-    }
+    rows_of: dict[int, list[int]] = {}
+    for i, c in enumerate(components):
+        rows_of.setdefault(c, []).append(i)
+    by_stratum: dict[str, list[int]] = {}
+    for c, rows in rows_of.items():
+        stratum = Counter(str(strata[i]) for i in rows).most_common(1)[0][0]
+        by_stratum.setdefault(stratum, []).append(c)
+    rng = random.Random(seed)
+    open_splits = [k for k, r in enumerate(ratios) if r > 0]
+    parts: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for stratum in sorted(by_stratum):
+        order = sorted(by_stratum[stratum])
+        rng.shuffle(order)
+        targets = _targets(sum(len(rows_of[c]) for c in order), ratios)
+        filled = [0, 0, 0]
+        for c in order:
+            k = max(open_splits, key=lambda j: (targets[j] - filled[j], -j))
+            filled[k] += len(rows_of[c])
+            parts[SPLITS[k]].extend(rows_of[c])
     if not parts["train"]:
-        raise DataError(f"The dataset has only {n} rows; too few to split into train/validation/test.")
-    return {name: table.select(sorted(idx)) for name, idx in parts.items()}
+        raise DataError(
+            f"The dataset has only {len(components)} rows; too few to split into train/validation/test."
+        )
+    return {name: sorted(rows) for name, rows in parts.items()}
 
 
 # --- labels --------------------------------------------------------------------------------------

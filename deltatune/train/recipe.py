@@ -17,30 +17,47 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import random
 import re
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 
 from deltatune import registry
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, MergeError
 from deltatune.train.data import (
     Cleaning,
     DataError,
     LabelMap,
     clean_table,
+    connected_rows,
+    conversation,
+    deduplicate,
+    grouped_split,
     load_table,
+    normalize_text,
     require_columns,
-    split_table,
 )
 from deltatune.train.tasks import TASKS, Task
-from deltatune.train.trainer import TrainConfig, Trainer, planned_steps, seed_everything
+from deltatune.train.trainer import (
+    CHECKPOINT,
+    RUN_FILES,
+    TrainConfig,
+    Trainer,
+    claim_output_dir,
+    planned_steps,
+    seed_everything,
+)
 
 RUN_CONFIG = "run_config.yaml"
+DATA_REPORT = "data_report.json"
 
 
 def recipe_tasks() -> dict[str, type[Task]]:
@@ -73,6 +90,12 @@ class RunConfig:
     max_eval_samples: int = 0
     split: list[float] = field(default_factory=lambda: [0.7, 0.2, 0.1])
     clean: dict[str, bool] = field(default_factory=dict)
+    group_column: str | None = None  # rows sharing this column's value (a user, a document) stay in one split
+    stratify: bool = True  # split classification data label by label
+    conflicting_labels: str = (
+        "drop"  # one text with different labels: drop | majority (keep the majority's rows)
+    )
+    eval_overlap: str = "drop"  # training rows whose text is also in eval_file/test_file: drop | keep
     teacher: str | None = None  # a model (or trained adapter folder's base) whose logits the student matches
     max_new_tokens: int = 64
     generate_samples: int = 32
@@ -200,6 +223,9 @@ def validate(raw: dict[str, Any]) -> dict[str, Any]:
         raise RecipeError(
             f"lr must be a positive number, got {lr!r}; a typical LoRA learning rate is 1e-4 to 1e-3."
         )
+    for key, allowed in (("conflicting_labels", ("drop", "majority")), ("eval_overlap", ("drop", "keep"))):
+        if raw.get(key, "drop") not in allowed:
+            raise RecipeError(f"{key} must be one of {', '.join(allowed)}; got {raw[key]!r}.")
     bad_clean = set(raw.get("clean") or {}) - {f.name for f in dataclasses.fields(Cleaning)}
     if bad_clean:
         key = sorted(bad_clean)[0]
@@ -297,8 +323,18 @@ def _subset(table, n: int, seed: int):
     return table
 
 
-def load_splits(run: RunConfig, seed: int) -> dict[str, Any]:
-    """train / validation / test tables; one file is split 70/20/10 (seeded) when no eval file is given."""
+# --- data: read, check, clean, deduplicate, split, report -----------------------------------------
+def data_sources(run: RunConfig) -> dict[str, str]:
+    """How each split is named in messages: its file, or the part of the training file it was split from."""
+    return {
+        "train": run.train_file or run.dataset,
+        "validation": run.eval_file or "the validation split",
+        "test": run.test_file or "the test split",
+    }
+
+
+def read_tables(run: RunConfig) -> dict[str, Any]:
+    """The files as read: `train`, and `validation` / `test` when eval_file / test_file are given."""
     source = run.train_file or run.dataset
     if not source:
         raise RecipeError("Set train_file (a CSV/TSV/JSON/JSONL/Parquet file) or dataset (a hub name).")
@@ -307,29 +343,210 @@ def load_splits(run: RunConfig, seed: int) -> dict[str, Any]:
         tables["validation"] = load_table(run.eval_file, "validation")
     if run.test_file:
         tables["test"] = load_table(run.test_file, "test")
-    if "validation" not in tables and "test" not in tables:
-        tables = split_table(tables["train"], run.split, seed)
-    tables["train"] = _subset(tables["train"], run.max_train_samples, seed)
-    if "validation" in tables:
-        tables["validation"] = _subset(tables["validation"], run.max_eval_samples, seed)
     return tables
 
 
+def load_splits(run: RunConfig, seed: int) -> dict[str, Any]:
+    """train / validation / test tables, checked, cleaned and leak-free (see `prepare_data`)."""
+    return prepare_data(run, seed)[0]
+
+
+def prepare_data(run: RunConfig, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tables, data report): every file read and checked, the training data deduplicated once, split 70/20/10
+    (seeded, stratified, copies and groups kept together) when no eval/test file is given, else cleared of
+    rows that also occur in them; then the optional subsets (max_train_samples, max_eval_samples)."""
+    tables = read_tables(run)
+    rows_read = {name: len(table) for name, table in tables.items()}
+    tables = prepare_tables(run, tables, data_sources(run))
+    empty = sum(rows_read[name] - len(table) for name, table in tables.items())
+    tables, report = leak_free_splits(run, tables, seed)
+    tables["train"] = _subset(tables["train"], run.max_train_samples, seed)
+    if "validation" in tables:
+        tables["validation"] = _subset(tables["validation"], run.max_eval_samples, seed)
+    report = data_report(run, tables, rows_read, {"empty": empty, **report["dropped"]}, report, seed)
+    return tables, report
+
+
 def prepare_tables(run: RunConfig, tables: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
-    """Check the configured columns exist in every table and apply the chosen cleaning."""
+    """Check the configured columns exist in every table (evaluation files need the label column too, so a
+    missing one is found before training, not after it) and apply the chosen text cleaning."""
     default_text, default_label = TASKS[run.task].default_columns
     run.text_column = run.text_column or default_text
     run.label_column = run.label_column or default_label
     cleaning = Cleaning(**run.clean)
     for name, table in tables.items():
-        if run.task == "causal-lm":
-            continue
-        columns = {"text_column": run.text_column, "text_pair_column": run.text_pair_column}
-        if name == "train" or run.label_column in table.column_names:
-            columns["label_column"] = run.label_column
+        columns = {
+            "text_column": run.text_column,
+            "text_pair_column": run.text_pair_column,
+            "label_column": run.label_column,
+        }
+        if name == "train":
+            columns["group_column"] = run.group_column
+        if run.task == "causal-lm":  # conversations: their columns are checked row by row (`conversation`)
+            columns = {"group_column": columns.get("group_column")}
         require_columns(table, columns, sources[name])
         tables[name] = clean_table(table, [run.text_column, run.text_pair_column], cleaning)
     return tables
+
+
+def has_classes(run: RunConfig) -> bool:
+    """Whether the task learns a label set (classification): one text with two labels is then a conflict."""
+    return TASKS[run.task].fit_labels.__func__ is not Task.fit_labels.__func__
+
+
+def row_keys(run: RunConfig, table) -> tuple[list[str], list[str]]:
+    """Each row's normalized input (what makes two rows copies, or a leak) and its answer (label or target)."""
+    if run.task == "causal-lm":
+        chats = [conversation(row) for row in table]
+        inputs = [normalize_text(" ".join(str(m["content"]) for m in chat[:-1])) for chat in chats]
+        return inputs, [normalize_text(chat[-1]["content"]) if chat else "" for chat in chats]
+    inputs = [normalize_text(t) for t in table[run.text_column]]
+    if run.text_pair_column:
+        inputs = [f"{a}\t{normalize_text(b)}" for a, b in zip(inputs, table[run.text_pair_column])]
+    answer = (
+        (lambda v: normalize_text(v) if isinstance(v, list) else str(v))
+        if has_classes(run)
+        else normalize_text
+    )
+    return inputs, [answer(v) for v in table[run.label_column]]
+
+
+def _groups(run: RunConfig, table) -> list[str] | None:
+    if not run.group_column or run.group_column not in table.column_names:
+        return None
+    return [str(v) for v in table[run.group_column]]
+
+
+def leak_free_splits(
+    run: RunConfig, tables: dict[str, Any], seed: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Deduplicate the training data once (and settle conflicting labels); split it when no eval/test file is
+    given, else drop its rows whose input (or group) occurs in them. Returns the tables and what was dropped."""
+    classes = has_classes(run)
+    train = tables["train"]
+    inputs, answers = row_keys(run, train)
+    keep, dropped, conflicting = deduplicate(
+        inputs,
+        answers,
+        Cleaning(**run.clean).drop_duplicates,
+        run.conflicting_labels if classes else None,
+    )
+    if not keep:
+        raise DataError(f"{data_sources(run)['train']}: no rows are left after dropping conflicting labels.")
+    train = train.select(keep)
+    inputs, answers = [inputs[i] for i in keep], [answers[i] for i in keep]
+    groups = _groups(run, train)
+    dropped["overlap_with_eval_test"] = 0
+    held_out = [name for name in ("validation", "test") if name in tables]
+    if not held_out:
+        stratified = classes and run.stratify and not isinstance(train[0][run.label_column], list)
+        strata = answers if stratified else [""] * len(train)
+        parts = grouped_split(connected_rows(inputs, groups), strata, run.split, seed)
+        return {name: train.select(rows) for name, rows in parts.items()}, {
+            "dropped": dropped,
+            "conflicting_texts": conflicting,
+            "split": {"ratios": list(run.split), "stratified_by_label": stratified},
+        }
+    seen_inputs, seen_groups = set(), set()
+    for name in held_out:
+        seen_inputs.update(row_keys(run, tables[name])[0])
+        seen_groups.update(_groups(run, tables[name]) or ())
+    leaked = [
+        i
+        for i, key in enumerate(inputs)
+        if key in seen_inputs or (groups is not None and groups[i] in seen_groups)
+    ]
+    if run.eval_overlap == "drop" and leaked:
+        dropped["overlap_with_eval_test"] = len(leaked)
+        leaked_set = set(leaked)
+        train = train.select([i for i in range(len(train)) if i not in leaked_set])
+        if len(train) == 0:
+            raise DataError(
+                f"Every training row also occurs in {' or '.join(data_sources(run)[n] for n in held_out)}; "
+                "nothing is left to train on. Check that train_file and eval_file/test_file differ."
+            )
+    return {**tables, "train": train}, {"dropped": dropped, "conflicting_texts": conflicting, "split": None}
+
+
+def data_report(
+    run: RunConfig,
+    tables: dict[str, Any],
+    rows_read: dict[str, int],
+    dropped: dict[str, int],
+    details: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """What `data_report.json` holds: rows read, dropped by reason, rows and label counts per split, how many
+    rows of each evaluation split also occur in train (0 unless eval_overlap: keep), the settings and the seed."""
+    sources = data_sources(run)
+    train_inputs = set(row_keys(run, tables["train"])[0])
+    train_groups = set(_groups(run, tables["train"]) or ())
+    overlap = {}
+    for name in ("validation", "test"):
+        if name in tables:
+            inputs = row_keys(run, tables[name])[0]
+            groups = _groups(run, tables[name]) or [None] * len(inputs)
+            overlap[name] = sum(1 for k, g in zip(inputs, groups) if k in train_inputs or g in train_groups)
+    labels = {}
+    if has_classes(run):
+        for name, table in tables.items():
+            values = table[run.label_column]
+            flat = [v for row in values for v in row] if values and isinstance(values[0], list) else values
+            labels[name] = dict(sorted(Counter(str(v) for v in flat).items()))
+    return {
+        "seed": seed,
+        "files": {name: sources[name] for name in rows_read},
+        "rows_read": rows_read,
+        "dropped": dropped,
+        "conflicting_texts": details["conflicting_texts"],
+        "split": details["split"],
+        "rows": {name: len(table) for name, table in tables.items()},
+        "labels": labels,
+        "overlap_with_train": overlap,
+        "settings": {
+            "drop_duplicates": Cleaning(**run.clean).drop_duplicates,
+            "conflicting_labels": run.conflicting_labels,
+            "eval_overlap": run.eval_overlap,
+            "stratify": run.stratify,
+            "group_column": run.group_column,
+            "max_train_samples": run.max_train_samples,
+            "max_eval_samples": run.max_eval_samples,
+        },
+    }
+
+
+def format_data_report(report: dict[str, Any]) -> str:
+    """The report in a few lines, for the terminal."""
+    dropped = report["dropped"]
+    reasons = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in dropped.items() if n) or "none"
+    read = " + ".join(f"{n} ({report['files'][name]})" for name, n in report["rows_read"].items())
+    lines = [f"data: {read} rows read; dropped: {reasons}"]
+    if report["conflicting_texts"]:
+        lines[0] += f" ({report['conflicting_texts']} texts had conflicting labels)"
+    split = report["split"]
+    how = (
+        f"split {'/'.join(f'{100 * r:g}' for r in split['ratios'])} of the training file"
+        f"{', stratified by label' if split['stratified_by_label'] else ''}"
+        if split
+        else "as given"
+    )
+    rows = ", ".join(f"{name} {n}" for name, n in report["rows"].items())
+    lines.append(f"splits: {rows} ({how}, seed {report['seed']})")
+    for name, counts in report["labels"].items():
+        lines.append(f"  {name} labels: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        missing = sorted(set(report["labels"].get("train", {})) - set(counts))
+        if missing and name != "train":
+            lines.append(f"  warning: {name} has no rows labelled {', '.join(missing)}")
+    for name, n in report["overlap_with_train"].items():
+        if n:
+            lines.append(f"  warning: {n} {name} rows also occur in train (eval_overlap: keep)")
+    return "\n".join(lines)
+
+
+def write_data_report(report: dict[str, Any], output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, DATA_REPORT), "w") as fh:
+        json.dump(report, fh, indent=2)
 
 
 def build_task(run: RunConfig, tokenizer: Any, labels: LabelMap | None) -> Task:
@@ -389,22 +606,28 @@ def load_teacher(run: RunConfig, labels: LabelMap | None):
 
 
 def train_from_recipe(raw: dict[str, Any]) -> dict[str, Any]:
-    """Everything `deltatune train` does: data, model, adapter, training, scores; returns metrics.json's content."""
+    """Everything `deltatune train` does: data, model, adapter, training, scores; returns metrics.json's content.
+
+    Before step 1: the output folder is claimed (`claim_run_dir`), every file is read, checked and made
+    leak-free, and every label is known. The adapter is saved before the final evaluation."""
     from deltatune.model import get_peft_model
 
     run, train_cfg, options = split_recipe(raw)
     make_peft_config(run, options, train_cfg.max_steps or 10**6)  # fail on bad options before slow loading
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        claim_run_dir(train_cfg)
+    continuing = train_cfg.resume and os.path.exists(os.path.join(train_cfg.output_dir, CHECKPOINT))
     seed_everything(train_cfg.seed)
-    tables = load_splits(run, train_cfg.seed)
-    sources = {
-        "train": run.train_file or run.dataset,
-        "validation": run.eval_file or "the validation split",
-        "test": run.test_file or "the test split",
-    }
-    tables = prepare_tables(run, tables, sources)
+    tables, report = prepare_data(run, train_cfg.seed)
+    sources = data_sources(run)
     labels = fit_labels(run, tables["train"])
     run.labels = labels.names if labels else None
     check_labels(run, labels, tables, sources)  # before the slow model load
+    if main:
+        print(format_data_report(report), file=sys.stderr)
+        if not continuing:  # a resumed run rewrites them once the checkpoint has proved to be this run's
+            write_run_files(raw, run, report, train_cfg.output_dir)
     model, tokenizer = load_base(run, labels)
     task = build_task(run, tokenizer, labels)
     features = {name: task.prepare(table, sources[name]) for name, table in tables.items()}
@@ -420,28 +643,82 @@ def train_from_recipe(raw: dict[str, Any]) -> dict[str, Any]:
     peft_model = get_peft_model(model, peft_config)
     teacher = load_teacher(run, labels)
     trainer = Trainer(
-        peft_model, task, features["train"], features.get("validation"), train_cfg, teacher=teacher
+        peft_model,
+        task,
+        features["train"],
+        features.get("validation"),
+        train_cfg,
+        teacher=teacher,
+        run_fingerprint=run_fingerprint(run, options),
     )
-    summary = trainer.train()
+    summary = trainer.train()  # saves the adapter, then evaluates
+    if trainer.is_main and continuing:
+        write_run_files(raw, run, report, train_cfg.output_dir)
     results = dict(summary["final"])
     if features.get("test"):
         results.update(trainer.evaluate(features["test"], prefix="test"))
     if trainer.is_main:
-        save_run(trainer.unwrapped, raw, run, train_cfg, results)
+        with open(os.path.join(train_cfg.output_dir, "metrics.json"), "w") as fh:
+            json.dump(results, fh, indent=2)
     return {"metrics": results, "summary": summary}
 
 
-def save_run(
-    peft_model, raw: dict[str, Any], run: RunConfig, train_cfg: TrainConfig, results: dict[str, Any]
-) -> None:
-    """The adapter (peft format), the resolved recipe (labels included) and metrics.json, side by side."""
-    out = train_cfg.output_dir
-    peft_model.save_pretrained(out)
+def claim_run_dir(train_cfg: TrainConfig) -> None:
+    """The output folder must hold no other run's files: refused (naming the run) unless `overwrite` (which
+    clears them first) or `resume` (whose checkpoint must then match this recipe's fingerprint)."""
+    claim_output_dir(
+        train_cfg.output_dir,
+        train_cfg.resume,
+        train_cfg.overwrite,
+        markers=RUN_FILES + (RUN_CONFIG, "metrics.json", DATA_REPORT),
+        owned=RUN_FILES + (RUN_CONFIG, "metrics.json", DATA_REPORT),
+        describe=describe_run,
+    )
+
+
+def describe_run(folder: str, files: list[str]) -> str:
+    """'lora on models/bert, trained on data/train.csv' from its run_config.yaml, else the files it holds."""
+    path = os.path.join(folder, RUN_CONFIG)
+    try:
+        with open(path) as fh:
+            old = yaml.safe_load(fh) or {}
+        return (
+            f"{old.get('method', 'lora')} on {old.get('model')}, "
+            f"trained on {old.get('train_file') or old.get('dataset')}"
+        )
+    except (OSError, yaml.YAMLError, AttributeError):
+        return f"it has {', '.join(files)}"
+
+
+def file_sha256(path: str | None) -> str | None:
+    if not path or not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# RunConfig fields left out of the fingerprint: derived labels, generation settings of the scores, and the data
+# files' paths (their content is in it, so the same data found at another path still resumes).
+_NOT_IN_FINGERPRINT = {"labels", "max_new_tokens", "generate_samples", "train_file", "eval_file", "test_file"}
+
+
+def run_fingerprint(run: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
+    """What beside the trainer's settings determines a run: model, task, method and its options, columns and
+    data handling, and the content (sha256) of every data file; a resume must match it."""
+    fields = {k: v for k, v in dataclasses.asdict(run).items() if k not in _NOT_IN_FINGERPRINT}
+    files = {k: file_sha256(getattr(run, k)) for k in ("train_file", "eval_file", "test_file")}
+    return {**fields, "method_options": dict(sorted(options.items())), "data_sha256": files}
+
+
+def write_run_files(raw: dict[str, Any], run: RunConfig, report: dict[str, Any], out: str) -> None:
+    """The resolved recipe (labels included; what `load_run` reads) and data_report.json, at the run's start."""
+    write_data_report(report, out)
     resolved = {**raw, **{k: v for k, v in dataclasses.asdict(run).items() if v is not None}}
     with open(os.path.join(out, RUN_CONFIG), "w") as fh:
         yaml.safe_dump(resolved, fh, sort_keys=False)
-    with open(os.path.join(out, "metrics.json"), "w") as fh:
-        json.dump(results, fh, indent=2)
 
 
 def load_run(adapter_dir: str):
@@ -461,3 +738,43 @@ def load_run(adapter_dir: str):
     model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     return model, build_task(run, tokenizer, labels), run
+
+
+def merge_run(adapter_dir: str, output: str) -> dict[str, Any]:
+    """`deltatune merge`: fold a run's adapter into its base and save a plain transformers model (with the
+    tokenizer) to the folder `output`, then reload what was written and check every tensor equals the merged one.
+
+    Refuses, before any work, an `output` that is an existing file or the run's own folder: transformers would
+    otherwise log an error and write nothing, or mix the model into the adapter's files."""
+    if os.path.isfile(output):
+        raise MergeError(
+            f"{output} is an existing file; the merged model is a folder (config.json + model.safetensors). "
+            "Give a folder path (it is created if missing)."
+        )
+    if os.path.isdir(output) and os.path.samefile(output, adapter_dir):
+        raise MergeError(f"{output} is the run's own folder; write the merged model to another folder.")
+    model, task, _ = load_run(adapter_dir)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output)
+    if task.tokenizer is not None:
+        task.tokenizer.save_pretrained(output)
+    checked = verify_saved_model(merged, output)
+    return {"output": os.path.abspath(output), "tensors_checked": checked}
+
+
+def verify_saved_model(model, folder: str) -> int:
+    """Reload `folder` as `model`'s class and compare every tensor bit for bit; returns how many were checked."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise MergeError(f"Nothing was written to {folder}: it holds no config.json after saving.")
+    reloaded = type(model).from_pretrained(folder, dtype="auto")
+    expected, found = model.state_dict(), reloaded.state_dict()
+    missing = sorted(set(expected) - set(found))
+    differing = [k for k in expected if k in found and not torch.equal(expected[k].cpu(), found[k].cpu())]
+    if missing or differing:
+        name = (missing or differing)[0]
+        raise MergeError(
+            f"The model saved to {folder} does not reload as merged: {len(missing)} tensors missing, "
+            f"{len(differing)} different (e.g. {name}). The folder may hold files of another model; "
+            "write to an empty folder."
+        )
+    return len(expected)

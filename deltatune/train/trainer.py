@@ -9,7 +9,11 @@ What it does beyond `loss.backward(); optimizer.step()`:
 - evaluation every N steps, early stopping on a metric, the best weights kept and restored at the end;
 - one checkpoint file, written atomically (temp file + os.replace), holding the trainable weights, optimizer,
   schedule, every RNG state and the position in the data, so a run killed at any moment resumes and produces
-  the same loss curve as a run that was never stopped;
+  the same loss curve as a run that was never stopped; it also holds a fingerprint of everything that shapes the
+  run, and a resume with other settings is refused, naming each change (unless `resume_with_changes`);
+- its own output folder: a folder holding another run's checkpoints is refused unless the run resumes it or
+  `overwrite` clears it first, so a run never reads (or returns) another run's files;
+- the final adapter saved before the final evaluation, so a failing evaluation never loses the training;
 - data-parallel training under torchrun with DistributedDataParallel: each rank takes its share of the same global
   batch, so N processes compute what one process would with the whole batch;
 - a progress bar, a JSONL log of every metric, TensorBoard events, a PNG of the curves and a summary.
@@ -23,6 +27,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deltatune.errors import DataError
+from deltatune.errors import ConfigError, DataError, RunError
 from deltatune.train.data import epoch_batches
 from deltatune.train.distill import distillation_loss
 from deltatune.train.schedules import Schedule, make_optimizer
@@ -43,6 +48,38 @@ from deltatune.train.tasks import Task, to_device
 CHECKPOINT = "checkpoint-last.pt"
 BEST = "checkpoint-best.pt"
 LOG = "log.jsonl"
+SUMMARY = "train_summary.json"
+# What a run writes into its output_dir (what `overwrite` clears), and what marks a folder as holding a run.
+RUN_FILES = (
+    CHECKPOINT,
+    BEST,
+    LOG,
+    SUMMARY,
+    "curves.png",
+    "tensorboard",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+)
+CHECKPOINTS = (CHECKPOINT, BEST)
+# TrainConfig fields that change how a run is executed, logged or saved, not the numbers it computes; every other
+# field is part of the fingerprint a resumed run must match.
+NOT_IN_FINGERPRINT = {
+    "output_dir",
+    "eval_batch_size",
+    "save_every",
+    "log_every",
+    "resume",
+    "resume_with_changes",
+    "overwrite",
+    "keep_checkpoint",
+    "progress",
+    "tensorboard",
+    "plot",
+    "device",
+    "num_threads",
+    "gradient_checkpointing",
+    "load_best_at_end",
+}
 
 
 def steps_per_epoch(config: TrainConfig, n_rows: int, world: int = 1) -> int:
@@ -94,7 +131,9 @@ class TrainConfig:
     load_best_at_end: bool = True
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5
-    resume: bool = False
+    resume: bool = False  # continue from output_dir's checkpoint-last.pt (a fresh start if there is none)
+    resume_with_changes: bool = False  # resume even though the settings differ from the checkpoint's
+    overwrite: bool = False  # clear a previous run's files from output_dir before starting
     keep_checkpoint: bool = True  # False: delete checkpoint-last.pt once the run has finished
     progress: bool = True
     tensorboard: bool = True
@@ -116,6 +155,11 @@ class TrainConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "resume and overwrite contradict each other: resume continues the run in output_dir, overwrite "
+                "deletes it. Pass one of them."
+            )
 
 
 @dataclass
@@ -179,6 +223,59 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def claim_output_dir(
+    folder: str,
+    resume: bool,
+    overwrite: bool,
+    markers: Sequence[str] = CHECKPOINTS,
+    owned: Sequence[str] = RUN_FILES,
+    describe: Callable[[str, list[str]], str] | None = None,
+) -> None:
+    """Make sure a run reads and writes only its own files in `folder`.
+
+    A folder holding any of `markers` holds another run: refused, naming it (`describe`), unless `overwrite`
+    (the files in `owned` are deleted first, nothing else) or `resume` with a checkpoint to continue from (whose
+    fingerprint the trainer then checks)."""
+    if overwrite:
+        for name in owned:
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+        return
+    held = [name for name in markers if os.path.lexists(os.path.join(folder, name))]
+    if not held or (resume and os.path.exists(os.path.join(folder, CHECKPOINT))):
+        return
+    what = describe(folder, held) if describe else f"it has {', '.join(held)}"
+    fix = (
+        f"there is no {CHECKPOINT} to resume from; pass overwrite to start over there"
+        if resume
+        else "pass resume to continue it, overwrite to replace it, or choose another output_dir"
+    )
+    raise RunError(f"{folder} already holds another run ({what}); {fix}.")
+
+
+def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'lora': {'r': 8}} -> {'lora.r': 8}: fingerprints compare (and report) field by field."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'field: old -> new' for every field whose value differs."""
+    return [
+        f"{key}: {saved.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key, "(unset)") != current.get(key, "(unset)")
+    ]
+
+
 class Trainer:
     """Trains `model` on `task` with `train_features`; see the module docstring for what it adds."""
 
@@ -191,8 +288,12 @@ class Trainer:
         config: TrainConfig | None = None,
         teacher: nn.Module | None = None,
         callbacks: Sequence[Callable[[Trainer, dict[str, Any]], None]] = (),
+        run_fingerprint: dict[str, Any] | None = None,
     ) -> None:
+        """`run_fingerprint`: what else determines this run (model, method options, data files ...; a recipe
+        passes them) beside the trajectory fields of `config`; a resume must match it."""
         self.config = config or TrainConfig()
+        self.run_fingerprint = dict(run_fingerprint or {})
         if len(train_features) == 0:
             raise ValueError("The training set is empty; nothing to train on.")
         self.model, self.task, self.teacher = model, task, teacher
@@ -280,7 +381,25 @@ class Trainer:
         if self.world > 1:
             ids = [self.local_rank] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.is_main:
+            claim_output_dir(c.output_dir, c.resume, c.overwrite)
         os.makedirs(c.output_dir, exist_ok=True)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that determines the run's trajectory: the config's trajectory fields, the world size, the
+        size of the training set and of the trainable tensors, and the caller's `run_fingerprint`."""
+        fields = {k: v for k, v in asdict(self.config).items() if k not in NOT_IN_FINGERPRINT}
+        trainable = self.trainable()
+        return flatten(
+            {
+                **fields,
+                "world_size": self.world,
+                "train_rows": len(self.train_features),
+                "trainable_tensors": len(trainable),
+                "trainable_params": sum(p.numel() for p in trainable.values()),
+                **self.run_fingerprint,
+            }
+        )
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -294,6 +413,7 @@ class Trainer:
             "rng": _rng_state(),
             "position": asdict(self.pos),
             "config": asdict(self.config),
+            "fingerprint": self.fingerprint(),
         }
         atomic_save(state, os.path.join(self.config.output_dir, CHECKPOINT))
 
@@ -315,6 +435,7 @@ class Trainer:
         if not os.path.exists(path):
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
+        self._check_fingerprint(state.get("fingerprint"))
         self._load_weights(state["weights"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -326,6 +447,26 @@ class Trainer:
         if self.is_main:  # drop what the killed run logged after its last checkpoint
             self._write_log(self.history)
         return True
+
+    def _check_fingerprint(self, saved: dict[str, Any] | None) -> None:
+        """Refuse to continue a checkpoint written with other settings (each change listed), unless asked to."""
+        changes = (
+            fingerprint_changes(saved, self.fingerprint())
+            if saved is not None
+            else ["the checkpoint has no fingerprint (an older deltatune wrote it)"]
+        )
+        if not changes:
+            return
+        listed = "; ".join(changes)
+        if not self.config.resume_with_changes:
+            raise RunError(
+                f"{self.config.output_dir} holds a checkpoint of a run with other settings, so resuming would "
+                f"continue its trajectory under a different recipe. Changed: {listed}. Restore those settings, "
+                "pass overwrite to start over (or use another output_dir), or pass resume_with_changes to "
+                "continue anyway."
+            )
+        if self.is_main:
+            print(f"Resuming with changed settings (resume_with_changes): {listed}", file=sys.stderr)
 
     # --- logging --------------------------------------------------------------------------------
     def _read_log(self) -> list[dict[str, Any]]:
@@ -496,7 +637,6 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         c = self.config
         self._setup()
-        self.writer = self._open_writer()
         if c.resume and self.resume():
             if self.is_main:
                 print(f"Resuming from step {self.pos.global_step} (epoch {self.pos.epoch}).", file=sys.stderr)
@@ -504,6 +644,7 @@ class Trainer:
             if self.is_main:
                 open(os.path.join(c.output_dir, LOG), "w").close()
             seed_everything(c.seed)  # the RNG stream a resumed run restores starts here
+        self.writer = self._open_writer()
         progress = self._progress()
         start, window_tokens, window_start = time.time() - self.pos.elapsed, 0, time.time()
         while not self._done():
@@ -544,6 +685,11 @@ class Trainer:
             progress.close()
         return self._finish(time.time() - start)
 
+    def save_model(self) -> None:
+        """Write the trained model (a PeftModel: its adapter) to output_dir, if it can save itself."""
+        if self.is_main and hasattr(self.unwrapped, "save_pretrained"):
+            self.unwrapped.save_pretrained(self.config.output_dir)
+
     def _done(self) -> bool:
         c = self.config
         if self.pos.stopped_early or self.pos.global_step >= self.total_steps:
@@ -568,8 +714,11 @@ class Trainer:
     def _finish(self, wall_time: float) -> dict[str, Any]:
         c = self.config
         best_path = os.path.join(c.output_dir, BEST)
-        if c.load_best_at_end and os.path.exists(best_path):
+        if (
+            c.load_best_at_end and self.pos.best_metric is not None
+        ):  # written by this run (or the one resumed)
             self._load_weights(torch.load(best_path, map_location="cpu", weights_only=False)["weights"])
+        self.save_model()  # before the final evaluation: an evaluation that fails never loses the training
         final = self.evaluate() if self.eval_features else {}
         trainable = sum(p.numel() for p in self.trainable().values())
         total = sum(p.numel() for p in self.unwrapped.parameters())
@@ -589,7 +738,7 @@ class Trainer:
                 for name in (CHECKPOINT, BEST):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(c.output_dir, name))
-            with open(os.path.join(c.output_dir, "train_summary.json"), "w") as fh:
+            with open(os.path.join(c.output_dir, SUMMARY), "w") as fh:
                 json.dump(summary, fh, indent=2)
             if self.writer is not None:
                 self.writer.close()
