@@ -517,12 +517,17 @@ def data_report(
 
 def format_data_report(report: dict[str, Any]) -> str:
     """The report in a few lines, for the terminal."""
-    dropped = report["dropped"]
-    reasons = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in dropped.items() if n) or "none"
+    said = {
+        "empty": "empty",
+        "duplicate": "duplicates",
+        "conflicting_label": "with conflicting labels",
+        "overlap_with_eval_test": "also in eval/test",
+    }
+    reasons = ", ".join(f"{n} {said[reason]}" for reason, n in report["dropped"].items() if n) or "none"
     read = " + ".join(f"{n} ({report['files'][name]})" for name, n in report["rows_read"].items())
     lines = [f"data: {read} rows read; dropped: {reasons}"]
     if report["conflicting_texts"]:
-        lines[0] += f" ({report['conflicting_texts']} texts had conflicting labels)"
+        lines[0] += f" ({report['conflicting_texts']} texts had more than one label)"
     split = report["split"]
     how = (
         f"split {'/'.join(f'{100 * r:g}' for r in split['ratios'])} of the training file"
