@@ -41,6 +41,8 @@ def test_prompt_tuning_causal_lm_trains_and_predicts_on_a_tiny_llama(tmp_path):
         {"instruction": "say", "input": w, "output": f"{w} film"} for w in ("good", "bad", "fun", "sad")
     ] * 2
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    held_out = [{"instruction": "say", "input": w, "output": f"{w} film"} for w in ("fine", "happy")]
+    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in held_out))
     recipe = {
         "model": str(tmp_path / "llama"),
         "task": "causal-lm",
@@ -51,7 +53,7 @@ def test_prompt_tuning_causal_lm_trains_and_predicts_on_a_tiny_llama(tmp_path):
             "prompt_tuning_init_text": "good",
         },
         "train_file": str(tmp_path / "train.jsonl"),
-        "eval_file": str(tmp_path / "train.jsonl"),
+        "eval_file": str(tmp_path / "dev.jsonl"),
         "max_steps": 2,
         "batch_size": 4,
         "max_new_tokens": 3,

@@ -394,27 +394,33 @@ def has_classes(run: RunConfig) -> bool:
     return TASKS[run.task].fit_labels.__func__ is not Task.fit_labels.__func__
 
 
+def column(table, name: str) -> list[Any]:
+    """A column as a plain list (slicing reads it in one go; iterating a `datasets` column reads row by row)."""
+    return table[name][:]
+
+
 def row_keys(run: RunConfig, table) -> tuple[list[str], list[str]]:
     """Each row's normalized input (what makes two rows copies, or a leak) and its answer (label or target)."""
     if run.task == "causal-lm":
-        chats = [conversation(row) for row in table]
+        batch = table[:]
+        chats = [conversation(dict(zip(batch, values))) for values in zip(*batch.values())]
         inputs = [normalize_text(" ".join(str(m["content"]) for m in chat[:-1])) for chat in chats]
         return inputs, [normalize_text(chat[-1]["content"]) if chat else "" for chat in chats]
-    inputs = [normalize_text(t) for t in table[run.text_column]]
+    inputs = [normalize_text(t) for t in column(table, run.text_column)]
     if run.text_pair_column:
-        inputs = [f"{a}\t{normalize_text(b)}" for a, b in zip(inputs, table[run.text_pair_column])]
+        inputs = [f"{a}\t{normalize_text(b)}" for a, b in zip(inputs, column(table, run.text_pair_column))]
     answer = (
         (lambda v: normalize_text(v) if isinstance(v, list) else str(v))
         if has_classes(run)
         else normalize_text
     )
-    return inputs, [answer(v) for v in table[run.label_column]]
+    return inputs, [answer(v) for v in column(table, run.label_column)]
 
 
 def _groups(run: RunConfig, table) -> list[str] | None:
     if not run.group_column or run.group_column not in table.column_names:
         return None
-    return [str(v) for v in table[run.group_column]]
+    return [str(v) for v in column(table, run.group_column)]
 
 
 def leak_free_splits(
@@ -490,7 +496,7 @@ def data_report(
     labels = {}
     if has_classes(run):
         for name, table in tables.items():
-            values = table[run.label_column]
+            values = column(table, run.label_column)
             flat = [v for row in values for v in row] if values and isinstance(values[0], list) else values
             labels[name] = dict(sorted(Counter(str(v) for v in flat).items()))
     return {
