@@ -7,9 +7,9 @@ dtype, and `AdapterLayer.base_weight()` returns the dequantized weight (for DoRA
 
 Merging into a quantized base dequantizes: `merge_adapter()` / `merge_and_unload()` replace each affected bnb layer
 by a plain `nn.Linear` holding dequant(W) + dW in the layer's compute dtype, and warn once. That merged model computes
-what the unmerged adapter model computed (up to float rounding). Re-quantizing W + dW would add fresh quantization
-error (and make unmerge inexact), so deltatune never does it behind the user's back: call `quantize()` on the merged
-model to choose that trade-off explicitly.
+what the unmerged adapter model computed (up to float rounding); `unmerge_adapter()` puts the original quantized
+layer back (it is kept while merged). Re-quantizing W + dW would add fresh quantization error, so deltatune never
+does it behind the user's back: call `quantize()` on the merged model to choose that trade-off explicitly.
 
 CUDA-only parts, documented rather than imitated: paged optimizers (`bitsandbytes.optim.PagedAdamW`) page optimizer
 state through CUDA unified memory and have no CPU meaning. Gradient checkpointing (`prepare_model_for_kbit_training`
