@@ -4,6 +4,15 @@ import deltatune as peft
 model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules="all-linear"))
 """
 
+from deltatune.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from deltatune.config import PeftConfig, TaskType
 from deltatune.errors import (
     AdapterNotFoundError,
@@ -14,6 +23,13 @@ from deltatune.errors import (
     MergeError,
     UnsupportedModelError,
 )
+from deltatune.functional import (
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
+from deltatune.integrations import transformers as _transformers_integration
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.adapters import BottleneckConfig
 from deltatune.methods.bitfit import BitFitConfig
@@ -42,13 +58,24 @@ from deltatune.model import (
 )
 from deltatune.quant import prepare_model_for_kbit_training, quantize
 from deltatune.registry import METHODS, PeftType
+from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __version__ = "0.1.0"
+
+# transformers' Trainer and trl treat deltatune models as peft models (see deltatune/integrations/transformers.py).
+_transformers_integration.install()
 
 __all__ = [
     "METHODS",
     "AdaLoraConfig",
     "AdapterNotFoundError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -79,8 +106,16 @@ __all__ = [
     "PromptTuningInit",
     "PTuningV2Config",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "UniPELTConfig",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "load_peft_weights",
+    "set_peft_model_state_dict",
     "prepare_model_for_kbit_training",
     "quantize",
 ]

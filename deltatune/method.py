@@ -57,6 +57,10 @@ class Method(abc.ABC):
         1e-4  # a learning rate that works for this method (the benchmark's sweep centre)
     )
     recipe_defaults: ClassVar[dict[str, Any]] = {}  # config options a recipe gets when it leaves them out
+    # The deltatune.targets column that fills an unset `target_modules` ("lora", "adalora", "ia3"); None: no default.
+    default_targets: ClassVar[str | None] = None
+    # `forward(adapter_names=[...])`: one adapter per row of a batch (the layers honour `row_adapters`).
+    mixed_batches: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

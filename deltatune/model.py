@@ -7,15 +7,18 @@ adapters run and which parameters train, and reads and writes adapter folders.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from importlib.metadata import version as package_version
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltatune import checkpoint
+from deltatune import checkpoint, hub, status
 from deltatune.config import PeftConfig
 from deltatune.errors import AdapterNotFoundError, ConfigError, MergeError, UnsupportedModelError
 from deltatune.inject import candidate_modules, find_targets, replace_module
@@ -23,7 +26,10 @@ from deltatune.layer import AdapterLayer, ModulesToSave
 from deltatune.method import Method
 from deltatune.methods.lora import arithmetic
 from deltatune.registry import method_for
+from deltatune.targets import default_targets
 from deltatune.tuner import TunerModel
+
+BASE_ADAPTER = "__base__"  # in `adapter_names`: this row runs the base model alone (peft's spelling)
 
 # Task heads that are trained in full beside the adapter unless the user says otherwise (as in peft).
 TASK_HEADS = {
@@ -86,10 +92,58 @@ class PeftModel(nn.Module):
         return method_for(next(iter(self.peft_config.values())).peft_type)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.method.forward(self, *args, **kwargs)
+        """Run the model with the active adapters; `adapter_names=[...]` (one name per row, `"__base__"` for the
+        base model) runs each row of the batch with its own adapter instead."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        with self._rows_scope(adapter_names):
+            return self.method.forward(self, *args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.method.generate(self, *args, **kwargs)
+        """`generate` of the base model with the adapters; `adapter_names=[...]` as in `forward` (with beam search,
+        each row's beams keep its adapter)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        with self._rows_scope(adapter_names, kwargs.get("num_beams")):
+            return self.method.generate(self, *args, **kwargs)
+
+    def _rows_scope(self, adapter_names: list[str] | None, num_beams: int | None = None):
+        if adapter_names is None:
+            return nullcontext()
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise ConfigError(
+                f"adapter_names must be a list with one adapter name per row, got {type(adapter_names).__name__}."
+            )
+        return self.row_adapters(list(adapter_names), num_beams)
+
+    @contextmanager
+    def row_adapters(self, names: list[str | None], num_beams: int | None = None):
+        """Inside the block, row i of every batch runs adapter `names[i]` (None or "__base__": the base model
+        alone), so requests for different adapters share one pass of the base model. The active adapters are
+        ignored meanwhile. Unknown names raise before anything runs. `num_beams` > 1: each row's name is repeated
+        for its beams in the decoder, as `generate` lays the rows out (an encoder sees the rows once)."""
+        if not self.method.mixed_batches:
+            raise UnsupportedModelError(
+                f"Mixed-adapter batches (adapter_names) are supported for LoRA adapters, not "
+                f"{self.active_peft_config.peft_type}; run each adapter in its own batch with set_adapter()."
+            )
+        rows = [None if n in (None, BASE_ADAPTER) else n for n in names]
+        self._check_known([n for n in dict.fromkeys(rows) if n is not None])
+        if any(isinstance(m, AdapterLayer) and m.merged for m in self.get_base_model().modules()):
+            raise MergeError(
+                "adapter_names cannot be used while adapters are merged; call unmerge_adapter() first."
+            )
+        beams = num_beams if isinstance(num_beams, int) and num_beams > 1 else 1
+        decoder_rows = [n for n in rows for _ in range(beams)]
+        get_encoder = getattr(self.get_base_model(), "get_encoder", None)
+        encoder = get_encoder() if beams > 1 and callable(get_encoder) else None
+        in_encoder = {id(m) for m in encoder.modules()} if isinstance(encoder, nn.Module) else set()
+        layers = self.adapter_layers()
+        for layer in layers:
+            layer.row_adapters = list(rows if id(layer) in in_encoder else decoder_rows)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.row_adapters = None
 
     def on_optimizer_step(self, global_step: int) -> None:
         """The trainer calls this after every optimizer step (after `optimizer.step()`, before `zero_grad()`);
@@ -108,11 +162,18 @@ class PeftModel(nn.Module):
         config = self.peft_config[adapter_name]
         return method_for(config.peft_type).state_dict(self, adapter_name, config)
 
-    def saved_entries(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The tensors `save_pretrained` writes for adapter `adapter_name`."""
+    def saved_entries(
+        self, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The tensors `save_pretrained` writes for adapter `adapter_name`. `state_dict` (keyed like this model's
+        own `state_dict()`, e.g. what transformers' Trainer gathered) supplies the values instead of the live ones."""
         config = self.peft_config[adapter_name]
         method = method_for(config.peft_type)
-        return method.tensors_to_save(self, adapter_name, config, self.adapter_entries(adapter_name))
+        entries = self.adapter_entries(adapter_name)
+        if state_dict:
+            live_names = {id(t): k for k, t in self.state_dict(keep_vars=True).items()}
+            entries = {k: state_dict.get(live_names.get(id(t)), t) for k, t in entries.items()}
+        return method.tensors_to_save(self, adapter_name, config, entries)
 
     # --- adapters ------------------------------------------------------------------------------
     @property
@@ -166,6 +227,9 @@ class PeftModel(nn.Module):
             config.modules_to_save = list(
                 dict.fromkeys((config.modules_to_save or []) + TASK_HEADS[config.task_type])
             )
+        method = method_for(config.peft_type)
+        if hasattr(config, "target_modules") and config.target_modules is None and method.default_targets:
+            config.target_modules = default_targets(self.get_base_model(), method.default_targets)
         targets = getattr(config, "target_modules", None)
         if isinstance(targets, (list, tuple)) and any(isinstance(t, type) for t in targets):
             # Types are a deltatune convenience; store the names they select so the JSON stays portable.
@@ -391,6 +455,14 @@ class PeftModel(nn.Module):
             },
         }
 
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
+        """peft's per-layer report: enabled, active, merged and available adapters, requires_grad, devices."""
+        return status.get_layer_status(self)
+
+    def get_model_status(self) -> status.TunerModelStatus:
+        """peft's model report: the layer reports folded into one ("irregular" where the layers disagree)."""
+        return status.get_model_status(self)
+
     # --- disk ----------------------------------------------------------------------------------
     def save_pretrained(
         self,
@@ -420,16 +492,67 @@ class PeftModel(nn.Module):
         self._check_known(names)
         if not is_main_process:
             return
-        live_names = {id(t): k for k, t in self.state_dict(keep_vars=True).items()} if state_dict else {}
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
-            entries = self.saved_entries(name)
-            if state_dict:
-                entries = {k: state_dict.get(live_names.get(id(t)), t) for k, t in entries.items()}
+            entries = self.saved_entries(name, state_dict)
             config = copy.copy(self.peft_config[name])
             config.inference_mode = True
             checkpoint.write_adapter_file(entries, out)
             config.save_pretrained(out)
+        self.create_or_update_model_card(save_directory)
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike, location: str | None = None) -> None:
+        """Write a short `README.md` (or update the one there, e.g. transformers' Trainer card): the Hub metadata
+        that lists the folder as an adapter of its base model, and how to load it. `location` is the folder or
+        repository its loading snippet names (default: `output_dir`)."""
+        output_dir = os.fspath(output_dir)
+        config = self.active_peft_config
+        method = method_for(config.peft_type)
+        base_model = config.base_model_name_or_path
+        tags = ["deltatune", method.name] + ([f"base_model:adapter:{base_model}"] if base_model else [])
+        if hasattr(self.get_base_model(), "config"):
+            tags.append("transformers")
+        hub.write_model_card(
+            output_dir,
+            base_model=base_model,
+            method=method.title,
+            library_name="peft" if method.peft_format else "deltatune",
+            tags=tags,
+            pipeline_tag="text-generation" if isinstance(self, PeftModelForCausalLM) else None,
+            auto_class=AUTO_CLASS_NAMES.get(config.task_type, "AutoPeftModel"),
+            version_line=f"- deltatune {package_version('deltatune')}",
+            location=location or output_dir,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload adapter",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_description: str | None = None,
+        selected_adapters: list[str] | None = None,
+    ):
+        """Upload the adapter folder `save_pretrained` writes (config, weights, model card), nothing of the base
+        model, to hub repository `repo_id` (created if needed)."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, selected_adapters=selected_adapters)
+            os.remove(
+                os.path.join(folder, hub.CARD_NAME)
+            )  # the card should name the repository, not this folder
+            self.create_or_update_model_card(folder, location=repo_id)
+            return hub.upload_folder(
+                folder,
+                repo_id,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     @classmethod
     def from_pretrained(
@@ -502,28 +625,84 @@ class PeftModel(nn.Module):
         checkpoint.copy_into(self.adapter_entries(adapter_name), state, base_params)
 
 
+def _named_forward(*names: str):
+    """A `forward` with peft's named parameters for a task class (the ones given are passed on, by name).
+
+    Why: tools read a model's arguments from its signature: transformers finds the label columns with
+    `inspect.signature(type(model).forward)` and keeps only the dataset columns the forward names. `task_ids`
+    (peft's multitask prompt tuning) is named but refused, since deltatune has no such method."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(names):
+            raise TypeError(f"forward() takes at most {len(names)} positional arguments, got {len(args)}.")
+        given = {**dict(zip(names, args)), **kwargs}
+        if given.pop("task_ids", None) is not None:
+            raise ConfigError(
+                "task_ids is for peft's multitask prompt tuning, which deltatune does not have."
+            )
+        return PeftModel.forward(self, **{k: v for k, v in given.items() if k not in names or v is not None})
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names]
+    params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
+    forward.__signature__ = inspect.Signature(params)
+    return forward
+
+
+_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "return_dict", "task_ids")
+_TEXT_INPUTS = ("input_ids", "attention_mask", "inputs_embeds")
+
+
 class PeftModelForCausalLM(PeftModel):
     """Decoder LMs; `generate()` runs with the adapter."""
+
+    forward = _named_forward(*_TEXT_INPUTS, "labels", *_OUTPUT_FLAGS)
 
 
 class PeftModelForSequenceClassification(PeftModel):
     """Classifiers; the head (`classifier`/`score`) trains in full beside the adapter."""
 
+    forward = _named_forward(*_TEXT_INPUTS, "labels", *_OUTPUT_FLAGS)
+
 
 class PeftModelForTokenClassification(PeftModel):
     """Taggers; the head trains in full beside the adapter."""
+
+    forward = _named_forward(*_TEXT_INPUTS, "labels", *_OUTPUT_FLAGS)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """Encoder-decoder LMs."""
 
+    forward = _named_forward(
+        *_TEXT_INPUTS,
+        "decoder_input_ids",
+        "decoder_attention_mask",
+        "decoder_inputs_embeds",
+        "labels",
+        *_OUTPUT_FLAGS,
+    )
+
 
 class PeftModelForQuestionAnswering(PeftModel):
     """Extractive QA; `qa_outputs` trains in full beside the adapter."""
 
+    forward = _named_forward(
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "position_ids",
+        "inputs_embeds",
+        "start_positions",
+        "end_positions",
+        *_OUTPUT_FLAGS,
+    )
+
 
 class PeftModelForFeatureExtraction(PeftModel):
     """Embedding models."""
+
+    forward = _named_forward(*_TEXT_INPUTS, *_OUTPUT_FLAGS)
 
 
 TASK_MODELS = {
@@ -533,6 +712,16 @@ TASK_MODELS = {
     "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
     "QUESTION_ANS": PeftModelForQuestionAnswering,
     "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}
+
+# The AutoPeftModel class that loads each task's adapters (named in model cards; defined in deltatune.auto).
+AUTO_CLASS_NAMES = {
+    "CAUSAL_LM": "AutoPeftModelForCausalLM",
+    "SEQ_CLS": "AutoPeftModelForSequenceClassification",
+    "TOKEN_CLS": "AutoPeftModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoPeftModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoPeftModelForFeatureExtraction",
 }
 
 

@@ -14,7 +14,7 @@ import torch
 from helpers import sentiment_rows, tiny_bert_folder, tiny_llama_folder
 
 from deltatune import IA3Config, LoraConfig, PeftModel, get_peft_model
-from deltatune.apps.serve import Engine, ServeSettings, create_app, row_adapters
+from deltatune.apps.serve import Engine, ServeSettings, create_app
 
 TOKEN = "s3cret"
 CLS_ADAPTERS = ["a0", "a1", "a2", "a3"]
@@ -269,9 +269,9 @@ def test_row_adapters_equal_set_adapter_per_row(folders):
     texts = ["good movie", "the plot was awful", "fun", "not very happy story"]
     rows = ["a1", None, "a0", "a1"]
     enc = tok(texts, padding=True, return_tensors="pt")
-    with torch.no_grad(), row_adapters(model, rows):
+    with torch.no_grad(), model.row_adapters(rows):
         mixed = model(**enc).logits
-    assert all(getattr(m, "row_adapters", None) is None for m in model.modules())
+    assert all(layer.row_adapters is None for layer in model.adapter_layers())
     with torch.no_grad():
         for i, name in enumerate(rows):
             one = {k: v[i : i + 1] for k, v in enc.items()}

@@ -403,6 +403,7 @@ class AdaLoraMethod(Method):
     variants = {"adalora": Variant()}
     typical_lr = 2e-3
     recipe_defaults = {"target_modules": "all-linear"}
+    default_targets = "adalora"
 
     def inject(self, peft_model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> None:
         inject_adalora(peft_model, config, adapter_name)

@@ -24,59 +24,7 @@ from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import find_targets, is_linear, replace_module
 from deltatune.layer import AdapterLayer, at_least_float32
 from deltatune.method import Method, Variant
-
-# peft's defaults for configs that leave target_modules / feedforward_modules unset (peft/utils/constants.py),
-# keyed by `model.config.model_type`. The same defaults keep a bare IA3Config meaning the same in both libraries.
-DEFAULT_TARGET_MODULES = {
-    "t5": ["k", "v", "wo"],
-    "mt5": ["k", "v", "wi_1"],
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
-    "roberta": ["key", "value", "output.dense"],
-    "opt": ["q_proj", "k_proj", "fc2"],
-    "gptj": ["q_proj", "v_proj", "fc_out"],
-    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
-    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
-    "bart": ["q_proj", "v_proj", "fc2"],
-    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
-    "llama": ["k_proj", "v_proj", "down_proj"],
-    "mistral": ["k_proj", "v_proj", "down_proj"],
-    "mixtral": ["k_proj", "v_proj", "w2"],
-    "bert": ["key", "value", "output.dense"],
-    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
-    "deberta": ["in_proj", "output.dense"],
-    "falcon": ["query_key_value", "dense_4h_to_h"],
-    "phi": ["q_proj", "v_proj", "fc2"],
-    "gemma": ["q_proj", "v_proj", "down_proj"],
-    "gemma2": ["q_proj", "v_proj", "down_proj"],
-    "qwen2": ["q_proj", "v_proj", "down_proj"],
-    "qwen3": ["q_proj", "v_proj", "down_proj"],
-}
-DEFAULT_FEEDFORWARD_MODULES = {
-    "t5": ["wo"],
-    "mt5": [],
-    "gpt2": ["mlp.c_proj"],
-    "bloom": ["mlp.dense_4h_to_h"],
-    "roberta": ["output.dense"],
-    "opt": ["fc2"],
-    "gptj": ["fc_out"],
-    "gpt_neox": ["dense_4h_to_h"],
-    "gpt_neo": ["c_proj"],
-    "bart": ["fc2"],
-    "gpt_bigcode": ["mlp.c_proj"],
-    "llama": ["down_proj"],
-    "mistral": ["down_proj"],
-    "mixtral": ["w2"],
-    "bert": ["output.dense"],
-    "deberta-v2": ["output.dense"],
-    "deberta": ["output.dense"],
-    "falcon": ["dense_4h_to_h"],
-    "phi": ["fc2"],
-    "gemma": ["down_proj"],
-    "gemma2": ["down_proj"],
-    "qwen2": ["down_proj"],
-    "qwen3": ["down_proj"],
-}
+from deltatune.targets import DEFAULTS
 
 
 @dataclass
@@ -84,7 +32,8 @@ class IA3Config(PeftConfig):
     """(IA)^3 options, named as in the `peft` package (and only those, so peft reads the JSON as its own).
 
     `feedforward_modules` are the targets whose *input* is rescaled; it must be a subset of `target_modules`.
-    Left unset, both come from peft's per-architecture defaults (Llama: k_proj, v_proj, down_proj).
+    Left unset, both come from the per-architecture defaults in deltatune.targets (peft's picks; Llama: k_proj,
+    v_proj, down_proj).
     """
 
     target_modules: list[str] | str | None = None
@@ -247,25 +196,18 @@ class IA3Layer(AdapterLayer):
         self._scale_bias(name, inverse=True)
 
 
-def _fill_defaults(model: nn.Module, config: IA3Config) -> None:
-    """peft's per-architecture defaults for unset target_modules / feedforward_modules."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if config.target_modules is None:
-        if model_type not in DEFAULT_TARGET_MODULES:
-            raise ConfigError(
-                f"IA3 has no default target_modules for model type {model_type!r}; set target_modules (and "
-                "feedforward_modules for the layers whose input should be scaled), e.g. "
-                "IA3Config(target_modules=['k_proj', 'v_proj', 'down_proj'], feedforward_modules=['down_proj'])."
-            )
-        config.target_modules = list(DEFAULT_TARGET_MODULES[model_type])
+def _fill_feedforward(model: nn.Module, config: IA3Config) -> None:
+    """Unset feedforward_modules: the architecture's defaults (deltatune.targets), none for an unknown one."""
     if config.feedforward_modules is None:
-        config.feedforward_modules = list(DEFAULT_FEEDFORWARD_MODULES.get(model_type, []))
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        picks = DEFAULTS.get(model_type)
+        config.feedforward_modules = list(picks.feedforward) if picks else []
 
 
 def inject_ia3(peft_model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     """Add adapter `adapter_name` to every targeted module, wrapping it on first use (all or nothing)."""
     model = peft_model.get_base_model()
-    _fill_defaults(model, config)
+    _fill_feedforward(model, config)
     wrappers = []
     for key in find_targets(model, config):
         module = model.get_submodule(key)
@@ -288,6 +230,7 @@ class IA3Method(Method):
     variants = {"ia3": Variant()}
     typical_lr = 5e-3
     recipe_defaults = {"target_modules": "all-linear"}
+    default_targets = "ia3"
 
     def inject(self, peft_model: nn.Module, config: IA3Config, adapter_name: str) -> None:
         inject_ia3(peft_model, config, adapter_name)

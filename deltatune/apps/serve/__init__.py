@@ -1,6 +1,6 @@
 """Serving many adapters over one shared base model (`deltatune serve`)."""
 
 from deltatune.apps.serve.app import ServeSettings, build_engine, create_app
-from deltatune.apps.serve.batching import Engine, row_adapters
+from deltatune.apps.serve.batching import Engine
 
-__all__ = ["Engine", "ServeSettings", "build_engine", "create_app", "row_adapters"]
+__all__ = ["Engine", "ServeSettings", "build_engine", "create_app"]

@@ -2,7 +2,7 @@
 
 `Engine` owns the model and is only ever called from one worker thread, so loads, unloads and forward passes never
 overlap. A batch may mix adapters: every LoRA layer (and every per-adapter classifier head) is told which adapter
-each row uses (`row_adapters`), so the base runs once for the whole batch and each adapter's B A x is added only to
+each row uses (`PeftModel.row_adapters`), so the base runs once for the whole batch and each adapter's B A x is added only to
 its own rows. `Batcher` gathers requests for a short window (or until the batch is full) before running them.
 """
 
@@ -12,7 +12,7 @@ import asyncio
 import os
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,26 +21,11 @@ from torch import nn
 
 from deltatune.config import PeftConfig
 from deltatune.errors import CheckpointError
-from deltatune.layer import ModulesToSave
-from deltatune.methods.lora import LoraLayer
 from deltatune.model import PeftModel
 
 
 class AdapterError(CheckpointError):
     """An adapter folder that cannot be served (wrong method, DoRA, unreadable files)."""
-
-
-@contextmanager
-def row_adapters(model: nn.Module, names: list[str | None]):
-    """Inside the block, row i of every batch runs adapter names[i] (None: the base model alone)."""
-    layers = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))]
-    for layer in layers:
-        layer.row_adapters = list(names)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.row_adapters = None
 
 
 class Engine:
@@ -121,7 +106,7 @@ class Engine:
         self._unmerge()
         if distinct == {None}:
             return self.model.disable_adapter()
-        return row_adapters(self.model, names)
+        return self.model.row_adapters(names)
 
     @torch.no_grad()
     def classify(self, texts: list[str], names: list[str | None]) -> list[dict[str, Any]]:

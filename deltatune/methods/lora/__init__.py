@@ -50,6 +50,8 @@ class LoraMethod(Method):
     }
     typical_lr = 1e-3
     recipe_defaults = {"target_modules": "all-linear"}
+    default_targets = "lora"
+    mixed_batches = True
 
     def inject(self, peft_model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
         inject_lora(peft_model, config, adapter_name)
