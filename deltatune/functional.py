@@ -114,17 +114,16 @@ def get_peft_model_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Adapter `adapter_name`'s tensors under the names its saved file uses (no adapter name in them). `state_dict`
     (keyed like `model.state_dict()`) supplies the values instead of the live ones."""
-    if save_embedding_layers not in ("auto", False):
-        raise ConfigError(
-            "save_embedding_layers=True is not supported: deltatune saves the adapter's own tensors; "
-            "save a resized base model with its own save_pretrained."
-        )
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
     holder, strip = _holder(model)
     if isinstance(holder, PeftModel):
         _config(holder, adapter_name)
-        return holder.saved_entries(adapter_name, state_dict)
+        return holder.saved_entries(adapter_name, state_dict, save_embedding_layers)
+    if save_embedding_layers is True:
+        raise ConfigError(
+            "save_embedding_layers=True needs a PeftModel; save the model's embeddings yourself."
+        )
     entries = _live_entries(model, adapter_name)
     if state_dict:
         live_names = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}

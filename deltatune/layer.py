@@ -113,8 +113,8 @@ class AdapterLayer(Wrapper):
         return [a for a in self._active_adapters if a in self.adapter_names]
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self._active_adapters = [n for n in names if n in self.adapter_names]
+        """The model's active adapters, kept as given (as peft's layers do); a layer runs those it holds."""
+        self._active_adapters = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled

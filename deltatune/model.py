@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 import tempfile
 import warnings
@@ -133,8 +134,9 @@ class PeftModel(nn.Module):
             )
         beams = num_beams if isinstance(num_beams, int) and num_beams > 1 else 1
         decoder_rows = [n for n in rows for _ in range(beams)]
-        get_encoder = getattr(self.get_base_model(), "get_encoder", None)
-        encoder = get_encoder() if beams > 1 and callable(get_encoder) else None
+        base = self.get_base_model()
+        two_stacks = getattr(getattr(base, "config", None), "is_encoder_decoder", False)
+        encoder = base.get_encoder() if beams > 1 and two_stacks else None
         in_encoder = {id(m) for m in encoder.modules()} if isinstance(encoder, nn.Module) else set()
         layers = self.adapter_layers()
         for layer in layers:
@@ -163,17 +165,72 @@ class PeftModel(nn.Module):
         return method_for(config.peft_type).state_dict(self, adapter_name, config)
 
     def saved_entries(
-        self, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
+        self,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        save_embedding_layers: bool | str = "auto",
     ) -> dict[str, torch.Tensor]:
         """The tensors `save_pretrained` writes for adapter `adapter_name`. `state_dict` (keyed like this model's
-        own `state_dict()`, e.g. what transformers' Trainer gathered) supplies the values instead of the live ones."""
+        own `state_dict()`, e.g. what transformers' Trainer gathered) supplies the values instead of the live ones;
+        `save_embedding_layers` is peft's option (see `embedding_entries`)."""
         config = self.peft_config[adapter_name]
         method = method_for(config.peft_type)
         entries = self.adapter_entries(adapter_name)
+        entries = {**entries, **self.embedding_entries(config, save_embedding_layers)}
         if state_dict:
             live_names = {id(t): k for k, t in self.state_dict(keep_vars=True).items()}
             entries = {k: state_dict.get(live_names.get(id(t)), t) for k, t in entries.items()}
         return method.tensors_to_save(self, adapter_name, config, entries)
+
+    def embedding_entries(
+        self, config: PeftConfig, save_embedding_layers: bool | str
+    ) -> dict[str, torch.Tensor]:
+        """Base embedding weights that travel with the adapter, by peft's rule, so a vocabulary resized before
+        training (new tokens with freshly initialised rows) loads back exactly: with "auto", when `target_modules`
+        names `embed_tokens` or `lm_head` (the wrapped embeddings' base weights) or when the vocabulary differs from
+        the base model's saved `config.json` (the input and output embeddings); with True, always."""
+        if save_embedding_layers not in ("auto", True, False):
+            raise ConfigError(
+                f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}."
+            )
+        targets = getattr(config, "target_modules", None)
+        targeted = isinstance(targets, (list, tuple)) and any(
+            n in targets for n in ("embed_tokens", "lm_head")
+        )
+        if save_embedding_layers == "auto":
+            save_embedding_layers = targeted or self._vocabulary_resized(config)
+        if not save_embedding_layers:
+            return {}
+        base = self.get_base_model()
+        if not callable(getattr(base, "get_input_embeddings", None)):
+            raise ConfigError("save_embedding_layers=True needs a transformers model (get_input_embeddings).")
+        get_output = getattr(base, "get_output_embeddings", None)
+        entries: dict[str, torch.Tensor] = {}
+        for layer in (base.get_input_embeddings(), get_output() if callable(get_output) else None):
+            if layer is None or isinstance(layer, ModulesToSave):  # a trained copy is saved already
+                continue
+            if isinstance(layer, AdapterLayer):
+                module = layer.get_base_layer()
+            elif targeted:
+                continue  # peft's rule: with embeddings targeted, only the wrapped ones' base weights
+            else:
+                module = layer
+            name = next(n for n, m in base.named_modules() if m is module)
+            entries.update(
+                {f"{checkpoint.PREFIX}{name}.{k}": t for k, t in module.state_dict(keep_vars=True).items()}
+            )
+        return entries
+
+    def _vocabulary_resized(self, config: PeftConfig) -> bool:
+        """Whether the embeddings differ in size from the base model's saved config (a local folder only)."""
+        path = config.base_model_name_or_path
+        config_file = os.path.join(path, "config.json") if path else ""
+        current = getattr(getattr(self.get_base_model(), "config", None), "vocab_size", None)
+        if not os.path.isfile(config_file) or current is None:
+            return False
+        with open(config_file) as fh:
+            saved = json.load(fh).get("vocab_size")
+        return saved is not None and saved != current
 
     # --- adapters ------------------------------------------------------------------------------
     @property
@@ -480,11 +537,6 @@ class PeftModel(nn.Module):
         own `state_dict()`; `is_main_process=False` writes nothing (the other ranks of a distributed run)."""
         if not safe_serialization:
             raise ConfigError("deltatune writes safetensors only (pickled .bin files are unsafe to load).")
-        if save_embedding_layers not in ("auto", False):
-            raise ConfigError(
-                "save_embedding_layers=True is not supported: deltatune saves the adapter's own tensors; "
-                "save a resized base model with its own save_pretrained."
-            )
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ConfigError(f"{save_directory} is a file; save_pretrained needs a folder.")
@@ -494,7 +546,7 @@ class PeftModel(nn.Module):
             return
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
-            entries = self.saved_entries(name, state_dict)
+            entries = self.saved_entries(name, state_dict, save_embedding_layers)
             config = copy.copy(self.peft_config[name])
             config.inference_mode = True
             checkpoint.write_adapter_file(entries, out)
@@ -621,7 +673,8 @@ class PeftModel(nn.Module):
         """Check a file's tensors against the adapter as built, then copy them in (all or nothing)."""
         config = self.peft_config[adapter_name]
         method_for(config.peft_type).check_loadable(self, adapter_name, config, state)
-        base_params = {checkpoint.PREFIX + n: p for n, p in self.get_base_model().named_parameters()}
+        named = self.get_base_model().named_parameters(remove_duplicate=False)  # tied weights under each name
+        base_params = {checkpoint.PREFIX + n: p for n, p in named}
         checkpoint.copy_into(self.adapter_entries(adapter_name), state, base_params)
 
 

@@ -77,12 +77,13 @@ def _quantization(layer: nn.Module) -> str | None:
 
 
 def _tuned_model(model: nn.Module) -> nn.Module:
+    """Where the layer names start: a PeftModel's tuner (`model.model.layers.0...`, as peft names them)."""
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
         if not getattr(model.method, "wraps_base", True):
             raise UnsupportedModelError(
                 "get_layer_status() reports on adapter layers; soft-prompt adapters have none (as in peft)."
             )
-        return model.get_base_model()
+        return model.base_model
     return model
 
 

@@ -114,7 +114,7 @@ def test_rank_allocator_matches_peft_step_for_step(tmp_path):
     mine_patterns = []
 
     def my_step(step):
-        mine.on_optimizer_step(step)
+        mine.base_model.update_and_allocate(step)  # peft's spelling
         mine_patterns.append(mine.peft_config["default"].rank_pattern)
 
     train(mine, SCHEDULE["total_step"], my_step)
