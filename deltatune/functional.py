@@ -17,7 +17,7 @@ from torch import nn
 
 from deltatune import checkpoint
 from deltatune.config import PeftConfig
-from deltatune.errors import CheckpointError, ConfigError, UnsupportedModelError
+from deltatune.errors import AdapterNotFoundError, CheckpointError, ConfigError, UnsupportedModelError
 from deltatune.model import PeftModel
 from deltatune.registry import method_for
 
@@ -41,9 +41,8 @@ class _Injected:
 
 
 def _holder(model: nn.Module) -> tuple[PeftModel | _Injected, str]:
-    """(the adapter holder, the prefix its checkpoint keys carry): a PeftModel's keys start with
-    `base_model.model.`, an injected model's are its own module names (as peft writes them for each)."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile
+    """(the adapter holder, the prefix to strip from its checkpoint keys): a PeftModel's file keys keep
+    `base_model.model.`, an injected model's are its own module names (as peft names them for each)."""
     if isinstance(model, PeftModel):
         return model, ""
     if not getattr(model, "peft_config", None):
@@ -55,7 +54,7 @@ def _holder(model: nn.Module) -> tuple[PeftModel | _Injected, str]:
 
 def _config(holder, adapter_name: str) -> PeftConfig:
     if adapter_name not in holder.peft_config:
-        raise ConfigError(
+        raise AdapterNotFoundError(
             f"No adapter named {adapter_name!r}; the model has: {', '.join(holder.peft_config)}."
         )
     return holder.peft_config[adapter_name]
@@ -145,8 +144,7 @@ def set_peft_model_state_dict(
     if low_cpu_mem_usage:
         raise ConfigError("low_cpu_mem_usage=True is not supported; leave it False.")
     entries = _live_entries(model, adapter_name)
-    base = getattr(model, "_orig_mod", model)
-    live_names = {id(t): k for k, t in base.state_dict(keep_vars=True).items()}
+    live_names = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
     unexpected = [k for k in peft_model_state_dict if k not in entries]
     missing = [k for k in entries if k not in peft_model_state_dict]
     to_copy = {}

@@ -591,9 +591,8 @@ class PeftModel(nn.Module):
         model, to hub repository `repo_id` (created if needed)."""
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, selected_adapters=selected_adapters)
-            os.remove(
-                os.path.join(folder, hub.CARD_NAME)
-            )  # the card should name the repository, not this folder
+            # The card's loading snippet should name the repository, not this temporary folder.
+            os.remove(os.path.join(folder, hub.CARD_NAME))
             self.create_or_update_model_card(folder, location=repo_id)
             return hub.upload_folder(
                 folder,
