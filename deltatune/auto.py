@@ -3,20 +3,23 @@
     model = AutoPeftModelForCausalLM.from_pretrained("outputs/my-lora")   # base from base_model_name_or_path
 
 The transformers auto class comes from the class (`...ForCausalLM` -> `AutoModelForCausalLM`); `AutoPeftModel`
-itself uses the config's `task_type`, or, with none, the architecture named in the base model's `config.json`.
+itself uses the config's `task_type`, or, with none, the class `auto_mapping` names (as peft writes it), or the
+architecture in the base model's `config.json`.
 Only transformers classes are ever instantiated from what a folder says.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import torch
 import transformers
 
-from deltatune.config import PeftConfig
+from deltatune.config import CONFIG_NAME, PeftConfig
 from deltatune.errors import ConfigError
+from deltatune.hub import resolve_adapter_file
 from deltatune.model import TASK_MODELS, PeftModel
 
 # task_type -> the transformers auto class that builds its base model
@@ -64,9 +67,8 @@ class AutoPeftModel:
                 f"This adapter is for task {config.task_type!r}, not {cls.task_type!r}; use "
                 f"{_auto_peft_name(config.task_type)} instead."
             )
-        base = _base_model_class(task_type, base_path, config.revision).from_pretrained(
-            base_path, revision=config.revision, **model_kwargs
-        )
+        model_class = _base_model_class(task_type, pretrained_model_name_or_path, base_path, revision, config)
+        base = model_class.from_pretrained(base_path, revision=config.revision, **model_kwargs)
         _grow_vocabulary(base, pretrained_model_name_or_path)
         peft_class = TASK_MODELS.get(task_type, PeftModel)
         return peft_class.from_pretrained(
@@ -78,17 +80,39 @@ def _auto_peft_name(task_type: str) -> str:
     return next(c.__name__ for c in AUTO_CLASSES if c.task_type == task_type)
 
 
-def _base_model_class(task_type: str | None, base_path: str, revision: str | None):
+def _base_model_class(
+    task_type: str | None,
+    adapter_path: str | os.PathLike,
+    base_path: str,
+    revision: str | None,
+    config: PeftConfig,
+):
+    """The transformers class to build the base with: the task's auto class; with no task type, the class
+    `auto_mapping` names (peft writes it) or else the architecture in the base's `config.json`. Only classes of
+    transformers itself are ever built from what a folder says."""
     if task_type is not None:
         return getattr(transformers, AUTO_MODEL_CLASSES[task_type])
-    architectures = transformers.AutoConfig.from_pretrained(base_path, revision=revision).architectures or []
-    found = [getattr(transformers, a, None) for a in architectures]
-    if not found or found[0] is None:
-        raise ConfigError(
-            f"The adapter has no task_type and {base_path}'s config names no transformers architecture "
-            f"({architectures}); use the AutoPeftModelFor* class of its task."
+    with open(resolve_adapter_file(adapter_path, CONFIG_NAME, revision)) as fh:
+        mapping = json.load(fh).get("auto_mapping") or {}
+    if mapping:
+        names = [mapping.get("base_model_class")]
+        library = str(mapping.get("parent_library", ""))
+        if library != "transformers" and not library.startswith("transformers."):
+            raise ConfigError(
+                f"The adapter's auto_mapping names a {library!r} class; AutoPeftModel builds transformers classes "
+                "only. Build the base yourself and use PeftModel.from_pretrained(base, folder)."
+            )
+    else:
+        names = (
+            transformers.AutoConfig.from_pretrained(base_path, revision=config.revision).architectures or []
         )
-    return found[0]
+    found = getattr(transformers, names[0], None) if names and names[0] else None
+    if found is None:
+        raise ConfigError(
+            f"The adapter has no task_type and names no transformers class to build ({names}); use the "
+            "AutoPeftModelFor* class of its task."
+        )
+    return found
 
 
 def _grow_vocabulary(base: torch.nn.Module, adapter_path: str | os.PathLike) -> None:

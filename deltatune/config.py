@@ -82,10 +82,15 @@ class PeftConfig:
             out[f.name] = value
         return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, auto_mapping: dict | None = None) -> None:
+        """Write `adapter_config.json`. `auto_mapping` (peft's key for adapters without a task type: the base
+        model's class and module) tells `AutoPeftModel` which class to build."""
         os.makedirs(save_directory, exist_ok=True)
+        data = self.to_dict()
+        if auto_mapping is not None:
+            data["auto_mapping"] = auto_mapping
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+            json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")
 
     @classmethod

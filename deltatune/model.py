@@ -550,8 +550,15 @@ class PeftModel(nn.Module):
             config = copy.copy(self.peft_config[name])
             config.inference_mode = True
             checkpoint.write_adapter_file(entries, out)
-            config.save_pretrained(out)
+            config.save_pretrained(out, auto_mapping=self._auto_mapping(config))
         self.create_or_update_model_card(save_directory)
+
+    def _auto_mapping(self, config: PeftConfig) -> dict[str, str] | None:
+        """peft's record of the base class for adapters without a task type (AutoPeftModel builds it)."""
+        if config.task_type is not None:
+            return None
+        base_class = type(self.get_base_model())
+        return {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
 
     def create_or_update_model_card(self, output_dir: str | os.PathLike, location: str | None = None) -> None:
         """Write a short `README.md` (or update the one there, e.g. transformers' Trainer card): the Hub metadata

@@ -340,10 +340,30 @@ def test_auto_peft_models_load_the_named_base_like_peft(kind, tmp_path):
     x = ids(length=6, vocab=30)
     extra = {"decoder_input_ids": x[:, :3]} if kind == "seq2seq" else {}
     same_logits(ours(input_ids=x, **extra).logits, theirs(input_ids=x, **extra).logits)
-    if kind == "causal":  # AutoPeftModel, no task class: the base's architecture from its config.json
-        same_logits(dt.AutoPeftModel.from_pretrained(tmp_path / "adapter")(x).logits, ours(x).logits)
+    if kind == "causal":
         with pytest.raises(ValueError, match="AutoPeftModelForCausalLM"):
             dt.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+
+
+def test_auto_peft_model_without_task_type_builds_the_class_the_folder_names(tmp_path):
+    """No task_type: both libraries write peft's `auto_mapping` (the base class) and AutoPeftModel builds it."""
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_llama_folder(str(tmp_path / "base"))
+    for name, lib in (("ours", dt), ("theirs", peft)):
+        model = lib.get_peft_model(AutoModelForCausalLM.from_pretrained(base), lib.LoraConfig(r=4))
+        randomize_adapter(model)
+        model.save_pretrained(str(tmp_path / name))
+    ours_cfg, theirs_cfg = (
+        json.loads((tmp_path / n / "adapter_config.json").read_text()) for n in ("ours", "theirs")
+    )
+    assert ours_cfg["auto_mapping"] == theirs_cfg["auto_mapping"]
+    x = ids(length=6, vocab=30)
+    for name in ("ours", "theirs"):
+        mine = dt.AutoPeftModel.from_pretrained(tmp_path / name)
+        reference = peft.AutoPeftModel.from_pretrained(str(tmp_path / name))
+        assert type(mine.get_base_model()).__name__ == "LlamaForCausalLM"
+        same_logits(mine(x).logits, reference(x).logits)
 
 
 # --- the functional API --------------------------------------------------------------------------------------
