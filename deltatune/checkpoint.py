@@ -11,6 +11,7 @@ rule for module-wrapping methods (`layer_entries`) and the file I/O, and knows n
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from safetensors import SafetensorError
@@ -105,15 +106,10 @@ def read_adapter_file(path: str | os.PathLike, revision: str | None = None) -> d
     try:
         file = resolve_adapter_file(path, WEIGHTS_NAME, revision)
     except FileNotFoundError:
-        if not os.path.isfile(os.path.join(os.fspath(path), LEGACY_WEIGHTS_NAME)):
+        legacy = os.path.join(os.fspath(path), LEGACY_WEIGHTS_NAME)
+        if not os.path.isfile(legacy):
             raise
-        file = os.path.join(os.fspath(path), LEGACY_WEIGHTS_NAME)
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(
-                f"Could not read {file} as plain tensors ({err}); it may be corrupt or unsafe."
-            ) from err
+        return _read_legacy_bin(legacy)
     try:
         return load_file(file, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
@@ -122,33 +118,109 @@ def read_adapter_file(path: str | os.PathLike, revision: str | None = None) -> d
         ) from err
 
 
-def copy_into(
-    entries: dict[str, torch.Tensor], state: dict[str, torch.Tensor], base_params: dict[str, torch.Tensor]
-) -> None:
-    """Copy checkpoint tensors into the adapter's live tensors (`entries`), after checking every key and shape
-    first, so a file that does not fit changes nothing. Base-model tensors in the file (peft saves a targeted
-    embedding's base weight) are accepted when `base_params` names them."""
-    missing = sorted(set(entries) - set(state))
-    extra = sorted(k for k in state if k not in entries and k not in base_params)
-    if missing or extra:
-        lines = []
-        if missing:
-            lines.append(f"{len(missing)} tensors the model expects are missing, e.g. {missing[:3]}")
-        if extra:
-            lines.append(f"{len(extra)} tensors in the file match nothing in the model, e.g. {extra[:3]}")
+def _read_legacy_bin(file: str) -> dict[str, torch.Tensor]:
+    """A peft `adapter_model.bin`, read with `weights_only=True`: plain tensors or nothing."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
         raise CheckpointError(
-            "The adapter does not fit this model: "
-            + "; ".join(lines)
-            + ". Was it trained for another base model?"
+            f"Could not read {file} as plain tensors ({err}); it may be corrupt or unsafe."
+        ) from err
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"{file} is not a mapping of tensor names to tensors; it is not an adapter file."
         )
-    targets = {**{k: base_params[k] for k in state if k not in entries}, **entries}
+    return state
+
+
+def embedding_entries(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint key -> base tensor of the input and output embedding layers: the only base weights an adapter
+    file may carry. peft writes them (`save_embedding_layers="auto"`) when an embedding layer is targeted (as
+    `<name>.base_layer.weight`) or when the vocabulary was resized (as `<name>.weight`)."""
+    out: dict[str, torch.Tensor] = {}
+    layers = [
+        getattr(model, g)() for g in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, g)
+    ]
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer in layers:
+        if not isinstance(layer, nn.Module) or id(layer) not in names:
+            continue
+        name, owner = names[id(layer)], layer
+        if isinstance(layer, AdapterLayer):
+            name, owner = f"{name}.base_layer", layer.base_layer
+        for sub, tensor in owner.named_parameters(recurse=False):
+            out[f"{PREFIX}{name}.{sub}"] = tensor
+    return out
+
+
+def _refusal(missing: list[str], extra: list[str], base_names: set[str]) -> CheckpointError:
+    """The error for a file whose keys do not match the adapter, naming the keys that do not belong."""
+    lines = []
+    if missing:
+        lines.append(f"{len(missing)} tensors the model expects are missing, e.g. {missing[:3]}")
+    base = [k for k in extra if k in base_names]
+    if base:
+        lines.append(
+            f"{len(base)} tensors would overwrite the base model's own weights, e.g. {base[:3]}; an adapter file "
+            "may hold only the adapter's tensors (its factors, its modules_to_save copies, its trained biases), "
+            "so it was refused"
+        )
+    other = [k for k in extra if k not in base_names]
+    if other:
+        lines.append(f"{len(other)} tensors in the file match nothing in the model, e.g. {other[:3]}")
+    hint = "" if base else " Was it trained for another base model?"
+    return CheckpointError("The adapter does not fit this model: " + "; ".join(lines) + "." + hint)
+
+
+def non_finite_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def copy_into(
+    entries: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    loadable_base: dict[str, torch.Tensor] | None = None,
+    base_names: set[str] | frozenset[str] = frozenset(),
+    allow_nonfinite: bool = False,
+) -> None:
+    """Copy checkpoint tensors into the adapter's live tensors (`entries`), all or nothing: every key, shape, dtype
+    and value is checked and converted first, so a file that does not fit changes nothing.
+
+    Besides the adapter's own tensors, only the base tensors in `loadable_base` (the embedding weights peft writes,
+    see `embedding_entries`) may load; a key naming any other base weight (`base_names`) is refused by name. A
+    tensor holding NaN or infinity is refused too, unless `allow_nonfinite` (then a warning names it)."""
+    loadable_base = loadable_base or {}
+    missing = sorted(set(entries) - set(state))
+    extra = sorted(k for k in state if k not in entries and k not in loadable_base)
+    if missing or extra:
+        raise _refusal(missing, extra, set(base_names))
+    targets = {**{k: loadable_base[k] for k in state if k not in entries}, **entries}
     for key, tensor in state.items():
-        if tuple(targets[key].shape) != tuple(tensor.shape):
+        target = targets[key]
+        if tuple(target.shape) != tuple(tensor.shape):
             module = key.removeprefix(PREFIX)
             raise CheckpointError(
                 f"The adapter was trained for a different base: {module} has shape {tuple(tensor.shape)} in the file "
-                f"but {tuple(targets[key].shape)} in this model."
+                f"but {tuple(target.shape)} in this model."
             )
+        if target.is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{key} holds {tensor.dtype} values in the file, but the model keeps it as {target.dtype}; "
+                "the adapter file is damaged or was not written by peft/deltatune."
+            )
+    bad = non_finite_names(state)
+    if bad:
+        message = f"{len(bad)} tensors in the adapter file hold NaN or infinite values: {', '.join(bad[:5])}"
+        if not allow_nonfinite:
+            raise CheckpointError(
+                message + ". Every output would be NaN; retrain or re-download the adapter "
+                "(or pass allow_nonfinite=True to load it anyway)."
+            )
+        warnings.warn(message + "; loaded anyway (allow_nonfinite=True).", stacklevel=3)
+    converted = {k: t.to(dtype=targets[k].dtype, device=targets[k].device) for k, t in state.items()}
     with torch.no_grad():
-        for key, tensor in state.items():
-            targets[key].copy_(tensor.to(dtype=targets[key].dtype, device=targets[key].device))
+        for key, tensor in converted.items():
+            targets[key].copy_(tensor)

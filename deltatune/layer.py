@@ -7,6 +7,8 @@ A layer keeps each adapter's tensors in `nn.ModuleDict`/`nn.ParameterDict` attri
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 
 import torch
@@ -15,6 +17,52 @@ from torch import nn
 from deltatune.errors import ConfigError, MergeError, UnsupportedModelError
 from deltatune.inject import is_gpt2_conv1d
 from deltatune.quant import dequantize_for_merge, dequantize_weight, is_quantized, keep_standard_layout
+
+# --- all or nothing ---------------------------------------------------------------------------------------------
+# Adding or loading an adapter changes a model in place (modules wrapped, heads copied, requires_grad switched, a
+# PiSSA init rewriting base weights). `unchanged_on_error` undoes all of it when the block fails, so a failed
+# `get_peft_model`/`from_pretrained`/`load_adapter` leaves the user's model exactly as it was.
+_OPEN_GUARDS: contextvars.ContextVar[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], ...]] = (
+    contextvars.ContextVar("deltatune_open_guards", default=())
+)
+
+
+def remember_before_write(tensor: torch.Tensor) -> None:
+    """Called before a base weight is overwritten in place: inside `unchanged_on_error`, keep its old values."""
+    for backups in _OPEN_GUARDS.get():
+        if id(tensor) not in backups:
+            backups[id(tensor)] = (tensor, tensor.detach().clone())
+
+
+@contextlib.contextmanager
+def unchanged_on_error(*roots: nn.Module):
+    """If the block raises, put every module under `roots` back as it was: the same submodules, parameters and
+    buffers in the same places, the same requires_grad and train/eval flags, and the old values of base weights
+    written in place meanwhile (they go through `remember_before_write`). Nothing is copied unless written."""
+    modules = {id(m): m for root in roots for m in root.modules()}.values()
+    layout = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), m.training) for m in modules]
+    grads = [(p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None]
+    backups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    token = _OPEN_GUARDS.set((*_OPEN_GUARDS.get(), backups))
+    try:
+        yield
+    except BaseException:
+        for module, children, params, buffers, training in layout:
+            module._modules.clear()
+            module._modules.update(children)
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            module.training = training
+        for param, flag in grads:
+            param.requires_grad_(flag)
+        with torch.no_grad():
+            for tensor, old in backups.values():
+                tensor.copy_(old)
+        raise
+    finally:
+        _OPEN_GUARDS.reset(token)
 
 
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -165,6 +213,7 @@ class AdapterLayer(Wrapper):
                 "Initialize the adapter (e.g. PiSSA/OLoRA) on the float model, then quantize."
             )
         target = self.base_layer.weight
+        remember_before_write(target)
         target.data.copy_(weight.T if self.fan_in_fan_out else weight)
 
     def merges_additively(self, name: str) -> bool:
@@ -209,6 +258,7 @@ class AdapterLayer(Wrapper):
             self.base_layer = dequantize_for_merge(self.base_layer)
             self._write_weight(new)
         elif self.merges_additively(name):  # the common case: no second full-precision copy of W is kept
+            remember_before_write(self.base_layer.weight)
             weight = self.base_layer.weight.data
             delta = self.delta_weight(name)
             delta = delta.T if self.fan_in_fan_out else delta

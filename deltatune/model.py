@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from deltatune import checkpoint, hub, status
-from deltatune.config import PeftConfig
+from deltatune.config import PeftConfig, check_fields
 from deltatune.errors import AdapterNotFoundError, ConfigError, MergeError, UnsupportedModelError
 from deltatune.inject import candidate_modules, find_targets, replace_module
-from deltatune.layer import AdapterLayer, ModulesToSave
+from deltatune.layer import AdapterLayer, ModulesToSave, unchanged_on_error
 from deltatune.method import Method
 from deltatune.methods.lora import arithmetic
 from deltatune.registry import method_for
@@ -262,15 +262,17 @@ class PeftModel(nn.Module):
                     f"This model holds {existing} adapters; a {peft_config.peft_type} adapter cannot join them. "
                     "Use a separate PeftModel (or merge_and_unload first)."
                 )
+        check_fields(peft_config)  # a config changed after it was built is checked again
         config = copy.deepcopy(peft_config)
-        self._prepare_config(config)
         method = method_for(config.peft_type)
-        try:
-            method.inject(self, config, adapter_name)
-            self._add_modules_to_save(config, adapter_name)
-        except Exception:
-            self._remove_adapter_everywhere(adapter_name, method)
-            raise
+        with unchanged_on_error(self):
+            try:
+                self._prepare_config(config)
+                method.inject(self, config, adapter_name)
+                self._add_modules_to_save(config, adapter_name)
+            except Exception:
+                self._remove_adapter_everywhere(adapter_name, method)
+                raise
         self.peft_config[adapter_name] = config
         for layer in self.adapter_layers():
             layer.set_adapter(self._active)
@@ -623,19 +625,20 @@ class PeftModel(nn.Module):
         revision: str | None = None,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
+        allow_nonfinite: bool = False,
     ) -> PeftModel:
-        """Load a saved adapter onto `model`. If anything does not fit, the model is returned to how it was."""
+        """Load a saved adapter onto `model`. If anything does not fit, the model is left exactly as it was.
+
+        Only the adapter's own tensors load (and the embedding weights peft saves beside them); a file that would
+        overwrite other base weights, or that holds NaN/inf, is refused (`allow_nonfinite=True`: warn instead)."""
         state = checkpoint.read_adapter_file(model_id, revision)
         config = config or PeftConfig.from_pretrained(model_id, revision=revision)
         config.inference_mode = not is_trainable
         if cls is PeftModel:
             cls = TASK_MODELS.get(config.task_type, PeftModel)
-        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
-        try:
-            peft_model._load_weights(adapter_name, state)
-        except Exception:
-            peft_model.unload()
-            raise
+        with unchanged_on_error(model):
+            peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+            peft_model._load_weights(adapter_name, state, allow_nonfinite)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -649,9 +652,11 @@ class PeftModel(nn.Module):
         revision: str | None = None,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
+        allow_nonfinite: bool = False,
     ) -> None:
         """Add a saved adapter under a new name (not activated; call `set_adapter`). For a name that exists, as
-        transformers' Trainer does when resuming, load the saved weights into that adapter instead."""
+        transformers' Trainer does when resuming, load the saved weights into that adapter instead. On any error
+        the model is left exactly as it was (see `from_pretrained` for what a file may hold)."""
         if not autocast_adapter_dtype or low_cpu_mem_usage:
             raise ConfigError("autocast_adapter_dtype=False and low_cpu_mem_usage=True are not supported.")
         state = checkpoint.read_adapter_file(model_id, revision)
@@ -665,23 +670,33 @@ class PeftModel(nn.Module):
                     f"{model_id} holds a {config.peft_type} adapter; it cannot load into adapter {adapter_name!r} "
                     f"({self.peft_config[adapter_name].peft_type}). Pick another adapter_name."
                 )
-            self._load_weights(adapter_name, state)
+            self._load_weights(adapter_name, state, allow_nonfinite)
             return
-        self.add_adapter(adapter_name, config)
-        try:
-            self._load_weights(adapter_name, state)
-        except Exception:
-            self._remove_adapter_everywhere(adapter_name)
-            del self.peft_config[adapter_name]
-            raise
+        with unchanged_on_error(self):
+            self.add_adapter(adapter_name, config)
+            try:
+                self._load_weights(adapter_name, state, allow_nonfinite)
+            except Exception:
+                self._remove_adapter_everywhere(adapter_name)
+                del self.peft_config[adapter_name]
+                raise
 
-    def _load_weights(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+    def _load_weights(
+        self, adapter_name: str, state: dict[str, torch.Tensor], allow_nonfinite: bool = False
+    ) -> None:
         """Check a file's tensors against the adapter as built, then copy them in (all or nothing)."""
         config = self.peft_config[adapter_name]
         method_for(config.peft_type).check_loadable(self, adapter_name, config, state)
-        named = self.get_base_model().named_parameters(remove_duplicate=False)  # tied weights under each name
-        base_params = {checkpoint.PREFIX + n: p for n, p in named}
-        checkpoint.copy_into(self.adapter_entries(adapter_name), state, base_params)
+        base = self.get_base_model()
+        names = [n for n, _ in base.named_parameters(remove_duplicate=False)]  # tied weights under each name
+        base_names = {checkpoint.PREFIX + n for n in names} | {"base_model." + n for n in names}  # soft prompts
+        checkpoint.copy_into(
+            self.adapter_entries(adapter_name),
+            state,
+            checkpoint.embedding_entries(base),
+            base_names,
+            allow_nonfinite,
+        )
 
 
 def _named_forward(*names: str):

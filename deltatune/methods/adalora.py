@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.checkpoint import PREFIX
+from deltatune.config import Regex
 from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import find_targets, is_linear, replace_module
 from deltatune.layer import at_least_float32
@@ -53,7 +54,7 @@ class AdaLoraConfig(LoraConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
     total_step: int | None = None
-    rank_pattern: dict[str, list[bool]] | None = None
+    rank_pattern: dict[Regex, list[bool]] | None = None
 
     def __post_init__(self) -> None:
         if self.init_lora_weights not in (True, False):
@@ -72,10 +73,23 @@ class AdaLoraConfig(LoraConfig):
             raise ConfigError("layers_to_transform cannot be used when target_modules is a regex string.")
         self._check_schedule()
 
+    def _check_rank_pattern(self) -> None:
+        """A trained adapter's kept-rank masks: one boolean per initial rank (init_r of them)."""
+        bad = {k: len(v) for k, v in (self.rank_pattern or {}).items() if len(v) != self.init_r}
+        if bad:
+            raise ConfigError(
+                f"rank_pattern masks must hold init_r={self.init_r} booleans each; these do not: {bad}. "
+                "The adapter_config.json is damaged or init_r was changed."
+            )
+
     def _check_schedule(self) -> None:
         if self.total_step is None or self.total_step <= 0:
             raise ConfigError(
                 "AdaLoRA needs total_step (the number of optimizer steps of the run), a value > 0."
+            )
+        if self.tinit < 0 or self.tfinal < 0:
+            raise ConfigError(
+                f"tinit and tfinal count steps, so they must be >= 0, got {self.tinit}, {self.tfinal}."
             )
         if not 0 <= self.target_r <= self.init_r:
             raise ConfigError(

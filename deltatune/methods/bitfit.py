@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig
+from deltatune.config import PeftConfig, Regex
 from deltatune.errors import ConfigError
 from deltatune.inject import is_under, name_matches
 from deltatune.method import Variant
@@ -28,17 +28,13 @@ class BitFitConfig(PeftConfig):
     normalization layers' weights (the only option on a model without biases, like Llama).
     """
 
-    target_modules: list[str] | str | None = None
+    target_modules: list[str | type] | Regex | None = None
     include_layer_norm: bool = False
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "BITFIT"
-        for name in ("target_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
 
 
 def _is_norm(module: nn.Module) -> bool:

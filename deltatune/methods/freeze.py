@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig
+from deltatune.config import PeftConfig, Regex
 from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import candidate_modules, is_linear, is_under, name_matches
 from deltatune.method import Variant
@@ -35,7 +35,7 @@ class FreezeConfig(PeftConfig):
 
     num_trainable_layers: int = 2
     layers_pattern: str | None = None
-    trainable_modules: list[str] | str | None = None
+    trainable_modules: list[str] | Regex | None = None
     train_head: bool = True
     modules_to_save: list[str] | None = None
 
@@ -46,10 +46,6 @@ class FreezeConfig(PeftConfig):
             raise ConfigError(
                 f"num_trainable_layers must be a non-negative integer, got {self.num_trainable_layers!r}."
             )
-        for name in ("trainable_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
 
 
 @dataclass

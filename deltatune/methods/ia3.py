@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig
+from deltatune.config import PeftConfig, Regex
 from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import find_targets, is_linear, replace_module
 from deltatune.layer import AdapterLayer, at_least_float32
@@ -36,9 +36,9 @@ class IA3Config(PeftConfig):
     v_proj, down_proj).
     """
 
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    feedforward_modules: list[str] | str | None = None
+    target_modules: list[str | type] | Regex | None = None
+    exclude_modules: list[str] | Regex | None = None
+    feedforward_modules: list[str] | Regex | None = None
     fan_in_fan_out: bool = False
     modules_to_save: list[str] | None = None
     init_ia3_weights: bool = True
@@ -50,10 +50,6 @@ class IA3Config(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "IA3"
-        for name in ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
         targets, feedforward = self.target_modules, self.feedforward_modules
         if (
             isinstance(targets, list)

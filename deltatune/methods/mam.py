@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from deltatune.checkpoint import layer_entries
+from deltatune.config import Regex
 from deltatune.method import Variant
 from deltatune.methods import prompt_learning as pl
 from deltatune.methods.adapters import BottleneckConfig, BottleneckLayer, inject_adapters
@@ -37,7 +38,7 @@ class MAMConfig(PrefixTuningConfig):
     """
 
     num_virtual_tokens: int | None = 30
-    target_modules: list[str] | str | None = None
+    target_modules: list[str | type] | Regex | None = None
     reduction_factor: float = 2
     scaling: float = 4.0
     non_linearity: str = "relu"
@@ -45,8 +46,6 @@ class MAMConfig(PrefixTuningConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "MAM"
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         self.adapter_config()  # validate the adapter options now, not when the model is wrapped
 
     def adapter_config(self) -> BottleneckConfig:

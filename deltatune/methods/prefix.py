@@ -39,6 +39,10 @@ class PrefixTuningConfig(PromptLearningConfig):
         self.peft_type = "PREFIX_TUNING"
         if self.init_weights not in (None, "zero"):
             raise ConfigError(f"init_weights must be None (random) or 'zero', got {self.init_weights!r}.")
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
+            raise ConfigError(
+                f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}."
+            )
 
 
 @dataclass

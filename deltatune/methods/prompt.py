@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,7 @@ class PromptTuningConfig(PromptLearningConfig):
 
     prompt_tuning_init: PromptTuningInit | str = PromptTuningInit.RANDOM
     prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
+    tokenizer_name_or_path: str | Callable | None = None
     tokenizer_kwargs: dict | None = None
 
     def __post_init__(self) -> None:
@@ -61,11 +62,7 @@ class PromptTuningConfig(PromptLearningConfig):
             raise ConfigError(f"prompt_tuning_init must be one of {', '.join(choices)}, got {init!r}.")
         self.prompt_tuning_init = PromptTuningInit(init)
         tokenizer = self.tokenizer_name_or_path
-        if tokenizer is not None and not isinstance(tokenizer, str):
-            if not callable(tokenizer):
-                raise TypeError(
-                    f"tokenizer_name_or_path must be a name, a folder or a tokenizer, got {tokenizer!r}."
-                )
+        if tokenizer is not None and not isinstance(tokenizer, str):  # a tokenizer object (checked: callable)
             self._tokenizer = tokenizer
             self.tokenizer_name_or_path = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
         if self.prompt_tuning_init == PromptTuningInit.TEXT:
@@ -109,6 +106,10 @@ class PromptEncoderConfig(PromptLearningConfig):
         if kind not in PromptEncoderReparameterizationType._value2member_map_:
             raise ConfigError(f"encoder_reparameterization_type must be 'MLP' or 'LSTM', got {kind!r}.")
         self.encoder_reparameterization_type = PromptEncoderReparameterizationType(kind)
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
+            raise ConfigError(
+                f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}."
+            )
         if not 0 <= self.encoder_dropout < 1:
             raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}.")
         if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers < 1:

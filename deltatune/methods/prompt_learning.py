@@ -49,13 +49,17 @@ class PromptLearningConfig(PeftConfig):
         n = self.num_virtual_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ConfigError(f"num_virtual_tokens must be a positive integer (e.g. 20), got {n!r}.")
+        for name in ("token_dim", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(
+                    f"{name} must be a positive integer (or null: read from the model), got {value!r}."
+                )
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ConfigError(
                 "num_transformer_submodules is 1 (decoder-only and encoder models) or 2 (encoder-decoder models, "
                 f"the default with task_type='SEQ_2_SEQ_LM'); got {self.num_transformer_submodules!r}."
             )
-        if isinstance(self.modules_to_save, (set, tuple)):
-            self.modules_to_save = sorted(self.modules_to_save)
 
 
 # --- setting an adapter up --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deltatune.config import Regex
 from deltatune.errors import ConfigError, UnsupportedModelError
 from deltatune.inject import is_linear
 from deltatune.method import Variant
@@ -49,11 +50,11 @@ class UniPELTConfig(PrefixTuningConfig):
     """
 
     num_virtual_tokens: int | None = 10
-    target_modules: list[str] | str | None = None
+    target_modules: list[str | type] | Regex | None = None
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
-    adapter_target_modules: list[str] | str | None = None
+    adapter_target_modules: list[str | type] | Regex | None = None
     adapter_variant: str = "pfeiffer"
     reduction_factor: float = 16
     non_linearity: str = "relu"
@@ -62,9 +63,6 @@ class UniPELTConfig(PrefixTuningConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "UNIPELT"
-        for name in ("target_modules", "adapter_target_modules"):
-            if isinstance(getattr(self, name), (set, tuple)):
-                setattr(self, name, sorted(getattr(self, name)))
         if self.adapter_variant not in VARIANTS:
             raise ConfigError(f"adapter_variant must be one of {VARIANTS}, got {self.adapter_variant!r}.")
         self.lora_config()  # validate both halves now, not when the model is wrapped

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from deltatune.config import TargetedConfig
+from deltatune.config import Regex, TargetedConfig
 from deltatune.errors import ConfigError
 
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
@@ -23,14 +23,15 @@ class LoraConfig(TargetedConfig):
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    rank_pattern: dict[Regex, int] = field(default_factory=dict)
+    alpha_pattern: dict[Regex, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "LORA"
-        if not isinstance(self.r, int) or self.r <= 0:
+        if self.r <= 0:
             raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}.")
+        self._check_rank_pattern()
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
         if not 0 <= self.lora_dropout < 1:
@@ -38,6 +39,13 @@ class LoraConfig(TargetedConfig):
         if self.init_lora_weights not in INIT_CHOICES:
             raise ConfigError(
                 f"init_lora_weights must be one of {INIT_CHOICES}, got {self.init_lora_weights!r}."
+            )
+
+    def _check_rank_pattern(self) -> None:
+        bad = {k: v for k, v in self.rank_pattern.items() if v <= 0}
+        if bad:
+            raise ConfigError(
+                f"rank_pattern ranks must be positive integers, got {bad}; use r >= 1 per pattern."
             )
 
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
