@@ -39,6 +39,33 @@ TASK_AUTO_CLASS = {
 }
 
 
+# What a checkpoint's `architectures` entry says it was saved for (suffix -> task); anything else (a bare encoder
+# such as BertModel) says nothing.
+ARCHITECTURE_TASKS = (
+    ("ForCausalLM", "causal-lm"),
+    ("LMHeadModel", "causal-lm"),
+    ("ForSequenceClassification", "seq-cls"),
+    ("ForTokenClassification", "token-cls"),
+)
+
+
+def architecture_task(name_or_path: str) -> str | None:
+    """The task a model was saved for, read from its config's `architectures` (None when it does not say).
+    A `.gguf` file holds a language model, which transformers loads as a causal LM."""
+    path = resolve_model_path(name_or_path)
+    if path.endswith(".gguf"):
+        return "causal-lm"
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):  # no config.json, offline hub name: the caller decides without it
+        return None
+    for architecture in getattr(config, "architectures", None) or []:
+        for suffix, task in ARCHITECTURE_TASKS:
+            if architecture.endswith(suffix):
+                return task
+    return None
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A packaged alias becomes the path inside its installed package; anything else is returned unchanged.
 

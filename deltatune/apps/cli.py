@@ -1,6 +1,7 @@
 """The `deltatune` command: a thin layer that parses arguments and calls the library.
 
     deltatune train recipes/sst2-minilm-lora.yaml --lora.r 16 --epochs 2
+    deltatune train --model DIR --task seq-cls --method lora --train_file train.csv --output_dir runs/x
     deltatune eval runs/sst2 [--file dev.tsv] [--json]
     deltatune predict runs/sst2 [--file rows.jsonl]     (or lines on stdin)
     deltatune merge runs/sst2 merged/
@@ -21,6 +22,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
+import typer.core
 
 from deltatune.errors import DeltatuneError
 
@@ -78,16 +80,35 @@ def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
         typer.echo(f"{key}: {value}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-@guarded
-def train(
-    ctx: typer.Context,
-    config: str = typer.Argument(..., help="Recipe YAML; extra --key value pairs override it."),
-):
-    """Train an adapter from a recipe; writes the adapter, run_config.yaml and metrics.json to output_dir."""
-    from deltatune.train.recipe import load_recipe, train_from_recipe
+class TrainCommand(typer.core.TyperCommand):
+    """`deltatune train --help` ends with the method and task names, read from the library when help is shown
+    (so `deltatune --help` does not pay for importing torch)."""
 
-    raw = load_recipe(config, list(ctx.args))
+    def format_help(self, ctx, formatter):
+        from deltatune.train.recipe import train_help
+
+        self.epilog = train_help()
+        return super().format_help(ctx, formatter)
+
+
+@app.command(
+    cls=TrainCommand,
+    no_args_is_help=True,
+    options_metavar="[RECIPE.yaml] [--KEY VALUE ...]",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+@guarded
+def train(ctx: typer.Context):
+    """Train an adapter from a recipe file, from flags alone, or both (flags override the recipe's keys).
+
+    deltatune train recipes/sst2-minilm-lora.yaml --lr 5e-4 --lora.r 16
+
+    deltatune train --model DIR --task seq-cls --method lora --train_file train.csv --test_file test.csv --output_dir runs/x
+
+    Writes the adapter, run_config.yaml and metrics.json to output_dir."""
+    from deltatune.train.recipe import load_train_args, train_from_recipe
+
+    raw = load_train_args(list(ctx.args))
     result = train_from_recipe(raw)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_metrics(result["metrics"], as_json=False)
@@ -300,7 +321,11 @@ def serve(
     ),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
-    task: str = typer.Option("seq-cls", help="seq-cls (POST /v1/classify) or causal-lm (POST /v1/generate)."),
+    task: str = typer.Option(
+        None,
+        help="seq-cls (POST /v1/classify) or causal-lm (POST /v1/generate); default: from the adapters' "
+        "task_type, else the model's architecture.",
+    ),
     admin_token: str = typer.Option(
         None, envvar="DELTATUNE_ADMIN_TOKEN", help="Bearer token for load/unload (unset: admin off)."
     ),
@@ -315,6 +340,7 @@ def serve(
     import uvicorn
 
     from deltatune.apps.serve.app import ServeSettings, build_engine, create_app
+    from deltatune.train.task_inference import infer_task
 
     adapters = {}
     for spec in adapter or []:
@@ -322,6 +348,8 @@ def serve(
         if not sep or not name or not path:
             fail(f"--adapter {spec!r} must look like NAME=DIR.")
         adapters[name] = path
+    task, why = infer_task(model, adapters, task)
+    typer.echo(f"serving task {task} ({why})", err=True)
     settings = ServeSettings(
         admin_token=admin_token,
         protect_all=protect_all,

@@ -308,11 +308,25 @@ ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\
 def conversation(row: dict[str, Any]) -> list[dict[str, str]]:
     """A row as chat messages: a `messages` list as is, or Alpaca `instruction`/`input`/`output` as two turns."""
     if row.get("messages"):
-        return list(row["messages"])
+        messages = row["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise DataError(
+                '\'messages\' must be a list of {"role": ..., "content": ...} objects with text values; '
+                f"got {str(messages)[:80]!r}."
+            )
+        return list(messages)
     if "instruction" not in row or "output" not in row:
         raise DataError(
             f"Instruction data needs a 'messages' column or 'instruction' and 'output' columns; got {list(row)}."
         )
+    fields = {k: row.get(k) for k in ("instruction", "input", "output")}
+    wrong = {k: v for k, v in fields.items() if not isinstance(v, str) and not (k == "input" and v is None)}
+    if wrong:
+        key, value = next(iter(wrong.items()))
+        raise DataError(f"Instruction data: '{key}' must be text, got {value!r} in a row with {list(row)}.")
     prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
 

@@ -1,4 +1,4 @@
-"""Recipes: a YAML file (plus `--key value` overrides) -> a trained, evaluated, saved adapter.
+"""Recipes: a YAML file and/or `--key value` flags -> a trained, evaluated, saved adapter.
 
     model: all-minilm-l6-v2          # folder, hub name, .gguf file or packaged alias
     task: seq-cls                    # seq-cls | token-cls | causal-lm | seq2seq
@@ -9,8 +9,9 @@
     epochs: 3
     lr: 5e-4
 
-Every key is checked: an unknown one is an error that names the closest valid key. Relative file paths are tried
-against the working directory, then the recipe's folder and each of its parents.
+The same keys work as flags, so `deltatune train --model DIR --task seq-cls --method lora --train_file train.csv`
+is a complete run without a file. Every key is checked: an unknown one is an error that names the closest valid key.
+Relative file paths are tried against the working directory, then the recipe's folder and each of its parents.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -31,6 +33,7 @@ import torch
 import yaml
 
 from deltatune import registry
+from deltatune.config import check_fields
 from deltatune.errors import ConfigError, MergeError
 from deltatune.train.data import (
     Cleaning,
@@ -85,7 +88,7 @@ class RunConfig:
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
-    max_length: int = 256
+    max_length: int | None = None  # None: from the data (see choose_max_length)
     max_train_samples: int = 0  # 0: all rows; otherwise a seeded random subset
     max_eval_samples: int = 0
     split: list[float] = field(default_factory=lambda: [0.7, 0.2, 0.1])
@@ -101,7 +104,12 @@ class RunConfig:
     generate_samples: int = 32
     dtype: str | None = None  # e.g. bfloat16 to load the base model in half precision
     quantize: str | None = None  # nf4 | fp4 | int8: a quantized base (QLoRA); the `qlora` method implies nf4
-    labels: list[str] | None = None  # written by a run: the label names, in class-id order
+    labels: list[str | int] | None = None  # written by a run: the label names, in class-id order
+
+    def __post_init__(self) -> None:
+        check_fields(self, "the recipe")
+        if self.max_length is not None and self.max_length < 1:
+            raise RecipeError(f"max_length must be a positive number of tokens, got {self.max_length}.")
 
 
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
@@ -165,6 +173,8 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _closest(key: str, valid: set[str]) -> str:
+    if not isinstance(key, str):
+        return ""
     close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""
 
@@ -192,8 +202,13 @@ def validate(raw: dict[str, Any]) -> dict[str, Any]:
     """Refuse unknown keys (naming the closest valid one) and check the method and its options."""
     # an empty method section (e.g. `--lora null` to switch a recipe to another method) is no section at all
     method_names = set(registry.variants())
+    odd = [k for k in raw if not isinstance(k, str)]
+    if odd:
+        raise RecipeError(f"Recipe keys are names (model, task, lr, ...), got {odd[0]!r}.")
     raw = {k: v for k, v in raw.items() if not (k in method_names and not v)}
     method = raw.get("method", "lora")
+    if not isinstance(method, str):
+        raise RecipeError(f"method must be a method name such as 'lora', got {method!r}.")
     peft_type, implied, config_cls = method_info(method)
     sections = method_section_names(method)
     all_sections = method_names | {"method_options"}
@@ -211,12 +226,12 @@ def validate(raw: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(options, dict):
             raise RecipeError(f"{section!r} must be a mapping of {method} options, e.g. {section}: {{r: 8}}.")
         for key in options:
-            if key not in option_names:
+            if not isinstance(key, str) or key not in option_names:
                 raise RecipeError(
                     f"Unknown {method} option {section}.{key}.{_closest(key, option_names)} "
                     f"Valid options: {', '.join(sorted(option_names))}."
                 )
-    if raw.get("task", "seq-cls") not in recipe_tasks():
+    if not isinstance(raw.get("task", "seq-cls"), str) or raw.get("task", "seq-cls") not in recipe_tasks():
         raise RecipeError(f"Unknown task {raw.get('task')!r}; use one of: {', '.join(recipe_tasks())}.")
     lr = raw.get("lr", TrainConfig.lr)
     if not isinstance(lr, (int, float)) or lr <= 0:
@@ -226,7 +241,12 @@ def validate(raw: dict[str, Any]) -> dict[str, Any]:
     for key, allowed in (("conflicting_labels", ("drop", "majority")), ("eval_overlap", ("drop", "keep"))):
         if raw.get(key, "drop") not in allowed:
             raise RecipeError(f"{key} must be one of {', '.join(allowed)}; got {raw[key]!r}.")
-    bad_clean = set(raw.get("clean") or {}) - {f.name for f in dataclasses.fields(Cleaning)}
+    clean = raw.get("clean") or {}
+    if not isinstance(clean, dict):
+        raise RecipeError(
+            f"clean must be a mapping of cleaning steps, e.g. clean: {{strip_html: true}}; got {clean!r}."
+        )
+    bad_clean = {str(k) for k in clean} - {f.name for f in dataclasses.fields(Cleaning)}
     if bad_clean:
         key = sorted(bad_clean)[0]
         raise RecipeError(
@@ -270,12 +290,58 @@ def load_recipe(path: str | None, overrides: list[str] | dict[str, Any] | None =
     extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     raw = validate(merge(raw, extra))
     if not raw.get("model"):
-        raise RecipeError("The recipe needs a model: a folder, a hub name, a .gguf file or a packaged alias.")
+        raise RecipeError(
+            "No model given: pass --model (a folder, a hub name, a .gguf file or a packaged alias) or put "
+            "`model:` in a recipe file. See `deltatune train --help`."
+        )
+    for key in ("model", "train_file", "eval_file", "test_file", "teacher"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise RecipeError(f"{key} must be a path or a name, got {raw[key]!r}.")
     for key in ("train_file", "eval_file", "test_file", "teacher"):
         raw[key] = resolve_path(raw.get(key), recipe_dir)
     if raw.get("model") and (os.path.sep in raw["model"] or raw["model"].startswith(".")):
         raw["model"] = resolve_path(raw["model"], recipe_dir)
     return raw
+
+
+def split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """`deltatune train`'s arguments as (recipe file or None, `--key value` overrides): a recipe is optional, and
+    when given it comes first; flags alone are a complete run."""
+    if args and not args[0].startswith("-"):
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
+def load_train_args(args: list[str]) -> dict[str, Any]:
+    """The validated recipe `deltatune train ARGS` describes (a recipe file, flags, or both)."""
+    path, overrides = split_train_args(args)
+    return load_recipe(path, overrides)
+
+
+def method_names() -> dict[str, list[str]]:
+    """Each method's main name -> every name a recipe or `--method` accepts for it (from the registry)."""
+    grouped: dict[str, list[str]] = {}
+    by_method: dict[int, str] = {}
+    for name, (method, _) in registry.variants().items():
+        main = by_method.setdefault(id(method), registry.normalize_name(method.name))
+        grouped.setdefault(main, []).append(name)
+    return grouped
+
+
+def train_help() -> str:
+    """The part of `deltatune train --help` that lists methods and tasks, read from the registry and TASKS."""
+    methods = "\n".join(f"  {main}: {', '.join(names)}" for main, names in method_names().items())
+    return (
+        f"Methods (--method):\n{methods}\n\nTasks (--task): {', '.join(recipe_tasks())}\n\n"
+        "Any recipe key works as a flag (--lr 5e-4, --lora.r 16, --max_length 128); max_length, when not "
+        "given, is read from the training data."
+    )
+
+
+def choices_markdown() -> str:
+    """The README's line of method and task names (a test keeps the README equal to it)."""
+    names = ", ".join(f"`{n}`" for n in registry.variants())
+    return f"Methods (`--method`): {names}. Tasks (`--task`): {', '.join(f'`{t}`' for t in recipe_tasks())}."
 
 
 def split_recipe(raw: dict[str, Any]) -> tuple[RunConfig, TrainConfig, dict[str, Any]]:
@@ -564,6 +630,45 @@ def build_task(run: RunConfig, tokenizer: Any, labels: LabelMap | None) -> Task:
     return recipe_tasks()[run.task].from_run(run, tokenizer, labels)
 
 
+# --- max_length from the data ----------------------------------------------------------------------------------
+# A recipe without max_length gets the 98th percentile of the tokenized lengths of (up to 2,000 of) its training
+# rows, capped by the model: batches are padded to their longest row only, so this truncates just the long tail
+# and a data set of short texts never pays for a length nobody chose.
+LENGTH_PERCENTILE = 98
+LENGTH_SAMPLE = 2000
+
+
+def model_length_limit(model: Any, tokenizer: Any) -> int | None:
+    """The most tokens the model takes (its position embeddings, or the tokenizer's limit), if it says."""
+    limits = [
+        getattr(getattr(model, "config", None), "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
+    known = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(known) if known else None
+
+
+def choose_max_length(
+    run: RunConfig, tokenizer: Any, model: Any, labels: LabelMap | None, train_table
+) -> str:
+    """Set `run.max_length` from the training data (see above); returns the line that reports the choice."""
+    limit = model_length_limit(model, tokenizer)
+    sample = _subset(train_table, LENGTH_SAMPLE, seed=0)
+    probe = dataclasses.replace(run, max_length=limit or 1_000_000)
+    task = build_task(probe, tokenizer, labels)
+    lengths = sorted(task.lengths(task.prepare(sample, "the training data")))
+    if not lengths:
+        run.max_length = limit or 256
+        return f"max_length {run.max_length} (no training rows to measure)."
+    value = lengths[max(0, math.ceil(LENGTH_PERCENTILE / 100 * len(lengths)) - 1)]
+    run.max_length = max(1, value)
+    limit_text = f"; the model takes at most {limit}" if limit else ""
+    return (
+        f"max_length {run.max_length}: the {LENGTH_PERCENTILE}th percentile of the tokenized lengths of "
+        f"{len(lengths):,} training rows (longest {lengths[-1]}){limit_text}. Set max_length to override."
+    )
+
+
 def fit_labels(run: RunConfig, train_table) -> LabelMap | None:
     if run.labels:
         return LabelMap(run.labels)
@@ -640,6 +745,12 @@ def train_from_recipe(raw: dict[str, Any]) -> dict[str, Any]:
         if not continuing:  # a resumed run rewrites them once the checkpoint has proved to be this run's
             write_run_files(raw, run, report, train_cfg.output_dir)
     model, tokenizer = load_base(run, labels)
+    if run.max_length is None:
+        chosen = choose_max_length(run, tokenizer, model, labels, tables["train"])
+        if main:
+            print(chosen, file=sys.stderr)
+            if not continuing:  # so eval/predict/serve truncate as training did
+                write_run_files(raw, run, report, train_cfg.output_dir)
     task = build_task(run, tokenizer, labels)
     features = {name: task.prepare(table, sources[name]) for name, table in tables.items()}
     if not features["train"]:

@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deltatune.errors import ConfigError, DataError, RunError
+from deltatune.config import check_fields
+from deltatune.errors import CheckpointError, ConfigError, DataError, RunError
 from deltatune.train.data import epoch_batches
 from deltatune.train.distill import distillation_loss
 from deltatune.train.schedules import Schedule, make_optimizer
@@ -142,19 +143,24 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads for torch; 0 keeps torch's default. 1 is far faster on a busy machine.
 
     def __post_init__(self) -> None:
-        if self.lr is None or self.lr <= 0:
-            raise ValueError(
+        check_fields(self, "the training settings")  # types, from the annotations above
+        if self.lr <= 0:
+            raise ConfigError(
                 f"lr must be positive, got {self.lr}; a typical LoRA learning rate is 1e-4 to 1e-3."
             )
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        counts = ("max_steps", "eval_batch_size", "warmup_steps", "eval_every", "save_every", "log_every")
+        for name in (*counts, "early_stopping_patience", "num_threads", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.epochs <= 0 and self.max_steps <= 0:
-            raise ValueError("Set epochs > 0 or max_steps > 0; otherwise there is nothing to train.")
+            raise ConfigError("Set epochs > 0 or max_steps > 0; otherwise there is nothing to train.")
         if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}.")
+            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}.")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         if self.resume and self.overwrite:
             raise ConfigError(
                 "resume and overwrite contradict each other: resume continues the run in output_dir, overwrite "
@@ -193,7 +199,11 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain Python values, so the checkpoint loads with `weights_only=True`."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
+    numpy_state.update(has_gauss=int(has_gauss), cached_gaussian=float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -201,7 +211,9 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -215,6 +227,22 @@ def atomic_save(obj: Any, path: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, required: tuple[str, ...] = ("weights",)) -> dict[str, Any]:
+    """Read a checkpoint this trainer wrote, never unpickling anything but tensors and plain Python values
+    (`weights_only=True`); a damaged, foreign or unsafe file is a CheckpointError that says what to do."""
+    fix = f"delete {path} to start the run over, or point output_dir at a fresh folder"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or holding objects other than tensors and values
+        raise CheckpointError(
+            f"{path} cannot be read as a deltatune checkpoint ({type(err).__name__}: {str(err)[:200]}); {fix}."
+        ) from err
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a deltatune checkpoint (it lacks {', '.join(missing)}); {fix}.")
+    return state
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -421,7 +449,7 @@ class Trainer:
         params = self.trainable()
         missing = set(params) - set(weights)
         if missing:
-            raise ValueError(
+            raise CheckpointError(
                 f"The checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); "
                 "it was written for a different model or method."
             )
@@ -434,15 +462,21 @@ class Trainer:
         path = os.path.join(self.config.output_dir, CHECKPOINT)
         if not os.path.exists(path):
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path, ("weights", "optimizer", "schedule", "scaler", "position", "rng"))
         self._check_fingerprint(state.get("fingerprint"))
-        self._load_weights(state["weights"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        if self.scaler and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.pos = _Position(**state["position"])
-        _set_rng_state(state["rng"])
+        try:
+            self._load_weights(state["weights"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            if self.scaler and state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+            self.pos = _Position(**state["position"])
+            _set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{path} does not fit this run ({type(err).__name__}: {err}); it was written by another model, "
+                f"method or deltatune version. Delete it to start over."
+            ) from err
         self.history = [r for r in self._read_log() if r.get("step", 0) <= self.pos.global_step]
         if self.is_main:  # drop what the killed run logged after its last checkpoint
             self._write_log(self.history)
@@ -645,6 +679,8 @@ class Trainer:
                 open(os.path.join(c.output_dir, LOG), "w").close()
             seed_everything(c.seed)  # the RNG stream a resumed run restores starts here
         self.writer = self._open_writer()
+        if c.progress and self.is_main and not self._done():
+            print(self.eta_report(), file=sys.stderr)
         progress = self._progress()
         start, window_tokens, window_start = time.time() - self.pos.elapsed, 0, time.time()
         while not self._done():
@@ -690,6 +726,31 @@ class Trainer:
         if self.is_main and hasattr(self.unwrapped, "save_pretrained"):
             self.unwrapped.save_pretrained(self.config.output_dir)
 
+    @torch.no_grad()
+    def eta_report(self) -> str:
+        """A time estimate printed before the first step: the best of two forward passes of the next micro-batch
+        (eval mode: no dropout, so no random number is drawn and the run is unchanged), times 3 for the backward
+        pass, times the micro-batches still to run. The progress bar refines it once steps are timed."""
+        steps = self._batches_of_epoch(self.pos.epoch)
+        micro = (steps[self.pos.step_in_epoch :] or steps)[0]
+        batch = to_device(self.task.collate([self.train_features[j] for j in micro[0]]), self.device)
+        model = self.unwrapped
+        was_training = model.training
+        model.eval()
+        times = []
+        for _ in range(2):
+            begin = time.perf_counter()
+            with self._autocast():
+                self.task.loss(model, batch)
+            times.append(time.perf_counter() - begin)
+        model.train(was_training)
+        remaining = self.total_steps - self.pos.global_step
+        seconds = 3 * min(times) * len(micro) * remaining
+        return (
+            f"ETA: about {format_duration(seconds)} for {remaining:,} steps (estimated from a forward pass of "
+            f"{min(times):.2f} s; evaluation not included)."
+        )
+
     def _done(self) -> bool:
         c = self.config
         if self.pos.stopped_early or self.pos.global_step >= self.total_steps:
@@ -717,7 +778,7 @@ class Trainer:
         if (
             c.load_best_at_end and self.pos.best_metric is not None
         ):  # written by this run (or the one resumed)
-            self._load_weights(torch.load(best_path, map_location="cpu", weights_only=False)["weights"])
+            self._load_weights(load_checkpoint(best_path)["weights"])
         self.save_model()  # before the final evaluation: an evaluation that fails never loses the training
         final = self.evaluate() if self.eval_features else {}
         trainable = sum(p.numel() for p in self.trainable().values())
@@ -747,6 +808,15 @@ class Trainer:
             if c.progress:
                 print_summary(summary)
         return summary
+
+
+def format_duration(seconds: float) -> str:
+    """12 s, 4.5 min, 2.3 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def plot_curves(history: list[dict[str, Any]], path: str) -> None:

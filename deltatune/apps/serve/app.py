@@ -8,6 +8,7 @@ no token is configured; adapter folders loaded through the API must lie under `a
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import secrets
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
@@ -125,6 +128,21 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities written as strings and bytes decoded leniently: JSON has no such numbers
+    and FastAPI decodes bytes strictly, and echoing a bad input back (its 422 repeats it) must not turn a client's
+    mistake into a 500."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def resolve_under_root(root: str, path: str) -> str:
     """The real folder `path` names, refused unless it (and its adapter files) lie inside `root` after resolving
     `..` and symlinks; relative paths are taken from `root`."""
@@ -182,6 +200,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         executor.shutdown(wait=True)
 
     app = FastAPI(title="deltatune serve", version="1", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": jsonable_encoder(json_safe(err.errors()))}, 422)
 
     def token_ok(authorization: str | None) -> bool:
         scheme, _, given = (authorization or "").partition(" ")

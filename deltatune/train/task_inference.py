@@ -1,0 +1,61 @@
+"""Which task a set of adapters and a base model are for, so `deltatune serve` needs no `--task` to be right.
+
+The adapters' `task_type` (in `adapter_config.json`) decides; without one, the model's architecture does; without
+either, sequence classification. A choice that cannot work is refused before anything loads: adapters of different
+tasks on one server, an explicit `--task` that contradicts an adapter, or a causal-LM adapter on a classifier
+checkpoint (whose language-model head was never trained).
+"""
+
+from __future__ import annotations
+
+from deltatune.config import PeftConfig
+from deltatune.errors import ConfigError
+from deltatune.models import architecture_task
+from deltatune.train.tasks import TASKS
+
+CLASSIFIER_TASKS = ("seq-cls", "token-cls")
+
+
+def task_of_adapters(adapters: dict[str, str]) -> dict[str, str]:
+    """Adapter name -> task name, for the adapters whose config records a task_type."""
+    by_type = {task.task_type: name for name, task in TASKS.items() if task.task_type}
+    found = {}
+    for name, path in adapters.items():
+        task_type = PeftConfig.from_pretrained(path).task_type
+        if task_type:
+            found[name] = by_type.get(task_type, task_type)
+    return found
+
+
+def infer_task(model: str, adapters: dict[str, str], requested: str | None = None) -> tuple[str, str]:
+    """(task, why) for serving `model` with `adapters` (name -> folder); `requested` (`--task`) overrides the
+    inference but not a contradiction. Raises ConfigError with one line when the combination cannot work."""
+    adapter_tasks = task_of_adapters(adapters)
+    distinct = sorted(set(adapter_tasks.values()))
+    if len(distinct) > 1:
+        shown = ", ".join(f"{n}: {t}" for n, t in adapter_tasks.items())
+        raise ConfigError(
+            f"The adapters are for different tasks ({shown}); serve each task from its own server."
+        )
+    from_model = architecture_task(model)
+    if requested:
+        task, why = requested, "--task"
+    elif distinct:
+        task, why = distinct[0], "the adapters' task_type"
+    elif from_model:
+        task, why = from_model, "the model's architecture"
+    else:
+        task, why = "seq-cls", "the default; pass --task causal-lm to generate"
+    wrong = {n: t for n, t in adapter_tasks.items() if t != task}
+    if wrong:
+        name, other = next(iter(wrong.items()))
+        raise ConfigError(
+            f"Adapter {name!r} is a {other} adapter but the server was asked to run {task} ({why}); "
+            f"drop --task or serve {name!r} from a {other} server."
+        )
+    if from_model in CLASSIFIER_TASKS and from_model != task:
+        raise ConfigError(
+            f"{model} is a {from_model} checkpoint (a classifier), so it cannot run {task} ({why}); "
+            "serve these adapters on the base model they were trained on."
+        )
+    return task, why
