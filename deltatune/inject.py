@@ -13,6 +13,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from deltatune.errors import ConfigError
+
 ALL_LINEAR = "all-linear"
 
 
@@ -101,7 +103,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
     """Dotted names of the modules `config` targets, in model order; a clear error when there are none."""
     targets = config.target_modules
     if targets is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(config).__name__} needs target_modules: a list of module names, a regex, or 'all-linear'."
         )
     if targets == ALL_LINEAR:
@@ -122,7 +124,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
                 continue
         selected.append(key)
     if not selected:
-        raise ValueError(no_match_message(model, config.target_modules))
+        raise ConfigError(no_match_message(model, config.target_modules))
     return selected
 
 

@@ -2,6 +2,7 @@
 load leaves the model exactly as it was, a file may only hold the adapter's own tensors, and NaN/inf is refused."""
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -43,6 +44,17 @@ def saved_lora(folder, factory=tiny_llama, **kwargs):
     return folder
 
 
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """One saved LoRA adapter (q_proj of the tiny Llama); tests change copies of it."""
+    return saved_lora(tmp_path_factory.mktemp("lora"))
+
+
+def copy_of(folder, tmp_path):
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
 def edit_config(folder, **changes):
     data = json.loads((folder / CONFIG).read_text())
     data.update(changes)
@@ -66,8 +78,8 @@ BAD_FIELDS = [
 
 
 @pytest.mark.parametrize("field,value,message", BAD_FIELDS, ids=[f"{f}={v!r}" for f, v, _ in BAD_FIELDS])
-def test_bad_field_in_adapter_config_json_names_the_field(tmp_path, field, value, message):
-    edit_config(saved_lora(tmp_path), **{field: value})
+def test_bad_field_in_adapter_config_json_names_the_field(lora_dir, tmp_path, field, value, message):
+    edit_config(copy_of(lora_dir, tmp_path), **{field: value})
     model = tiny_llama()
     before = fingerprint(model)
     with pytest.raises(ConfigError, match=message) as err:
@@ -120,24 +132,24 @@ def test_valid_configs_keep_their_values_and_json():
     assert config.lora_alpha == 16 and isinstance(config.lora_alpha, int)  # peft writes ints as ints
 
 
-def test_a_config_of_another_method_is_refused_by_the_wrong_class(tmp_path):
-    saved_lora(tmp_path)
+def test_a_config_of_another_method_is_refused_by_the_wrong_class(lora_dir, tmp_path):
+    copy_of(lora_dir, tmp_path)
     with pytest.raises(ConfigError, match="LORA adapter, not a IA3Config"):
         dt.IA3Config.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("text", ["\xff\xfe garbage", "[1, 2]", '{"peft_type": ["LORA"]}', "[" * 100_000])
-def test_unreadable_config_files(tmp_path, text):
-    saved_lora(tmp_path)
+def test_unreadable_config_files(lora_dir, tmp_path, text):
+    copy_of(lora_dir, tmp_path)
     (tmp_path / CONFIG).write_bytes(text.encode("latin-1"))
     with pytest.raises(ConfigError):
         dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
 # --- a failed load leaves the model exactly as it was ---------------------------------------------------------------
-def test_missing_modules_to_save_leaves_the_model_unchanged(tmp_path):
+def test_missing_modules_to_save_leaves_the_model_unchanged(lora_dir, tmp_path):
     """The issue's case: the keys of the model differed after this failed load."""
-    edit_config(saved_lora(tmp_path), modules_to_save=["no_such_head"])
+    edit_config(copy_of(lora_dir, tmp_path), modules_to_save=["no_such_head"])
     model = tiny_llama()
     before = fingerprint(model)
     with pytest.raises(ConfigError, match="modules_to_save=\\['no_such_head'\\] matched no module"):
@@ -185,8 +197,8 @@ def test_failed_pissa_load_restores_the_base_weights(tmp_path):
 
 
 # --- only the adapter's own tensors load ----------------------------------------------------------------------------
-def test_a_base_weight_key_is_refused_by_name_and_the_base_is_untouched(tmp_path):
-    saved_lora(tmp_path)
+def test_a_base_weight_key_is_refused_by_name_and_the_base_is_untouched(lora_dir, tmp_path):
+    copy_of(lora_dir, tmp_path)
     state = load_file(tmp_path / WEIGHTS)
     key = "base_model.model.model.layers.0.mlp.down_proj.weight"
     state[key] = torch.full((32, 64), 7.0)
@@ -215,9 +227,9 @@ def test_trained_biases_and_heads_still_load(tmp_path):
     torch.testing.assert_close(loaded(x).logits, expected, rtol=0, atol=1e-6)
 
 
-def test_an_untargeted_embedding_weight_loads_as_peft_writes_it_for_a_resized_vocabulary(tmp_path):
+def test_an_untargeted_embedding_weight_loads_as_peft_writes_it_for_a_resized_vocabulary(lora_dir, tmp_path):
     """peft saves `<embedding>.weight` when the vocabulary was resized; that one base weight may load."""
-    saved_lora(tmp_path)
+    copy_of(lora_dir, tmp_path)
     state = load_file(tmp_path / WEIGHTS)
     new_embedding = torch.randn(64, 32)
     state["base_model.model.model.embed_tokens.weight"] = new_embedding
@@ -228,8 +240,8 @@ def test_an_untargeted_embedding_weight_loads_as_peft_writes_it_for_a_resized_vo
 
 # --- NaN and infinity -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_tensors_are_refused_by_name(tmp_path, bad):
-    saved_lora(tmp_path)
+def test_non_finite_tensors_are_refused_by_name(lora_dir, tmp_path, bad):
+    copy_of(lora_dir, tmp_path)
     state = load_file(tmp_path / WEIGHTS)
     key = next(k for k in state if "lora_B" in k)
     state[key][0, 0] = bad
@@ -246,8 +258,8 @@ def test_non_finite_tensors_are_refused_by_name(tmp_path, bad):
     ).all()
 
 
-def test_integer_tensors_for_float_weights_are_refused(tmp_path):
-    saved_lora(tmp_path)
+def test_integer_tensors_for_float_weights_are_refused(lora_dir, tmp_path):
+    copy_of(lora_dir, tmp_path)
     state = load_file(tmp_path / WEIGHTS)
     key = next(iter(state))
     state[key] = state[key].to(torch.int32)
@@ -256,8 +268,8 @@ def test_integer_tensors_for_float_weights_are_refused(tmp_path):
         dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
-def test_a_legacy_bin_that_is_not_a_dict_of_tensors_is_refused(tmp_path):
-    saved_lora(tmp_path)
+def test_a_legacy_bin_that_is_not_a_dict_of_tensors_is_refused(lora_dir, tmp_path):
+    copy_of(lora_dir, tmp_path)
     (tmp_path / WEIGHTS).unlink()
     torch.save([torch.zeros(2)], tmp_path / "adapter_model.bin")
     with warnings.catch_warnings():

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig
-from deltatune.errors import CheckpointError, ConfigError
+from deltatune.errors import CheckpointError, ConfigError, UnsupportedModelError
 from deltatune.layer import ModulesToSave
 from deltatune.method import Method
 
@@ -68,7 +68,7 @@ def word_embeddings(model: nn.Module) -> nn.Module:
     getter = getattr(model, "get_input_embeddings", None)
     embeddings = getter() if callable(getter) else None
     if not isinstance(embeddings, nn.Module):
-        raise TypeError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} has no get_input_embeddings(); prompt methods need a transformers-style model "
             "whose token embeddings can be looked up."
         )
@@ -104,7 +104,7 @@ def fill_model_fields(config: PromptLearningConfig, model: nn.Module, kv_heads: 
         if getattr(config, field_name) is None:
             value = _first_attr(model_config, sources) if model_config is not None else None
             if value is None:
-                raise ValueError(
+                raise ConfigError(
                     f"Cannot read {field_name} from {type(model).__name__}'s config; set {field_name} in the "
                     f"{type(config).__name__} yourself."
                 )

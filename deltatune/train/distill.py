@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deltatune.errors import ConfigError
+
 
 def distillation_loss(
     student_logits: torch.Tensor,
@@ -22,11 +24,11 @@ def distillation_loss(
 ) -> torch.Tensor:
     """Mix of the soft (teacher) and hard (task) losses; `labels` masks positions whose label is -100."""
     if temperature <= 0:
-        raise ValueError(f"The distillation temperature must be positive, got {temperature}.")
+        raise ConfigError(f"The distillation temperature must be positive, got {temperature}.")
     if not 0 <= alpha <= 1:
-        raise ValueError(f"The distillation weight alpha must be in [0, 1], got {alpha}.")
+        raise ConfigError(f"The distillation weight alpha must be in [0, 1], got {alpha}.")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
+        raise ConfigError(
             f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ; "
             "the teacher must share the student's label set or vocabulary."
         )

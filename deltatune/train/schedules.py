@@ -39,13 +39,13 @@ class Schedule:
         max_lr: float | None = None,
     ) -> None:
         if name not in SCHEDULES:
-            raise ValueError(f"Unknown schedule {name!r}; use one of: {', '.join(SCHEDULES)}.")
+            raise ConfigError(f"Unknown schedule {name!r}; use one of: {', '.join(SCHEDULES)}.")
         if warmup_steps < 0 or total_steps < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"Need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}."
             )
         if not 0 < gamma <= 1:
-            raise ValueError(f"The exponential schedule's gamma must be in (0, 1], got {gamma}.")
+            raise ConfigError(f"The exponential schedule's gamma must be in (0, 1], got {gamma}.")
         self.optimizer = optimizer
         self.name = name
         self.total_steps = total_steps
@@ -55,7 +55,7 @@ class Schedule:
         self.gamma = gamma
         self.max_lr = max_lr if max_lr is not None else max(self.base_lrs)
         if min_lr < 0 or min_lr > self.max_lr:
-            raise ValueError(f"Need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={self.max_lr}.")
+            raise ConfigError(f"Need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={self.max_lr}.")
         self.step_count = 0
         self.adaptive_lr = list(self.base_lrs)  # the loss-adaptive rule's current rates
         self.last_loss: float | None = None
@@ -97,7 +97,7 @@ class Schedule:
         self.step_count += 1
         if self.name == "loss-adaptive":
             if loss is None:
-                raise ValueError("The loss-adaptive schedule needs the step's loss: call step(loss).")
+                raise ConfigError("The loss-adaptive schedule needs the step's loss: call step(loss).")
             if self.last_loss is not None and self.last_loss > 0 and self.step_count > self.warmup_steps:
                 ratio = loss / self.last_loss
                 self.adaptive_lr = [min(self.max_lr, max(self.min_lr, lr * ratio)) for lr in self.adaptive_lr]
