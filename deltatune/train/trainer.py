@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -235,9 +236,17 @@ def load_checkpoint(path: str, required: tuple[str, ...] = ("weights",)) -> dict
     fix = f"delete {path} to start the run over, or point output_dir at a fresh folder"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or holding objects other than tensors and values
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a pickle of plain values at all: damaged
+            raise CheckpointError(f"{path} is damaged (not a readable checkpoint); {fix}.") from err
+        raise CheckpointError(  # objects other than tensors and plain values: never unpickled
+            f"{path} cannot be read: it holds Python objects besides tensors and plain values, and loading them "
+            f"could run code, so it was refused; {fix}."
+        ) from err
+    except Exception as err:  # truncated, empty, or not a torch file at all
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"{path} cannot be read as a deltatune checkpoint ({type(err).__name__}: {str(err)[:200]}); {fix}."
+            f"{path} cannot be read as a deltatune checkpoint ({type(err).__name__}: {reason}); {fix}."
         ) from err
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
