@@ -25,6 +25,7 @@ from deltatune.train.recipe import (
     RunConfig,
     choices_markdown,
     choose_max_length,
+    coerce_numbers,
     recipe_tasks,
     split_train_args,
 )
@@ -76,6 +77,11 @@ def test_a_recipe_comes_first_and_flags_alone_need_a_model():
     assert split_train_args(["--model", "m", "--lr", "1"]) == (None, ["--model", "m", "--lr", "1"])
     result = runner.invoke(app, ["train", "--task", "seq-cls", "--train_file", "x.csv"])
     assert result.exit_code == 2 and "No model given: pass --model" in result.output
+
+
+def test_only_the_exponent_form_is_read_as_a_number():
+    """YAML 1.1 leaves `5e-4` a string (read as the number); a quoted label name '0' stays a string."""
+    assert coerce_numbers({"lr": "5e-4", "labels": ["0", "1"]}) == {"lr": 0.0005, "labels": ["0", "1"]}
 
 
 def test_train_help_shows_both_forms_and_every_method_and_task():

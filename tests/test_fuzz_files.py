@@ -312,9 +312,8 @@ def test_fuzzed_data_files(data, task, eval_file):
         def prepare():
             run, train, _ = recipe.split_recipe(recipe.load_recipe(None, raw))
             run.max_length = 16
-            tables = recipe.load_splits(run, train.seed)
-            sources = {"train": run.train_file, "validation": run.eval_file or "split", "test": "split"}
-            tables = recipe.prepare_tables(run, tables, sources)
+            tables, _report = recipe.prepare_data(run, train.seed)  # what train_from_recipe does
+            sources = recipe.data_sources(run)
             labels = recipe.fit_labels(run, tables["train"])
             recipe.check_labels(run, labels, tables, sources)
             task_ = recipe.build_task(run, tokenizer, labels)

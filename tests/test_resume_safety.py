@@ -35,7 +35,7 @@ def test_resume_round_trips_without_unpickling_objects(tmp_path):
     path = os.path.join(tmp_path, "run", CHECKPOINT)
     state = torch.load(path, weights_only=True)  # raises if anything but tensors and plain values is inside
     assert state["position"]["global_step"] == 4
-    resumed = trainer(tmp_path, resume=True, max_steps=6)
+    resumed = trainer(tmp_path, resume=True, resume_with_changes=True, max_steps=6)
     summary = resumed.train()
     assert summary["steps"] == 6
 
@@ -71,4 +71,4 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
         state["weights"] = {"other.weight": torch.zeros(2)}
         torch.save(state, path)
     with pytest.raises(CheckpointError, match=CHECKPOINT):
-        trainer(tmp_path, resume=True, max_steps=6).train()
+        trainer(tmp_path, resume=True).train()

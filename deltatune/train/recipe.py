@@ -117,11 +117,12 @@ TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 # --- reading a recipe ----------------------------------------------------------------------------
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def coerce_numbers(value: Any) -> Any:
-    """YAML 1.1 reads `5e-4` as a string; recipes mean the number."""
+    """YAML 1.1 reads `5e-4` as a string; recipes mean the number. Only that exponent form is read: a quoted
+    '0' stays the string it was written as (label names such as '0' and '1' must not become 0.0 and 1.0)."""
     if isinstance(value, str) and _FLOAT.match(value):
         return float(value)
     if isinstance(value, dict):
