@@ -689,7 +689,9 @@ class PeftModel(nn.Module):
         method_for(config.peft_type).check_loadable(self, adapter_name, config, state)
         base = self.get_base_model()
         names = [n for n, _ in base.named_parameters(remove_duplicate=False)]  # tied weights under each name
-        base_names = {checkpoint.PREFIX + n for n in names} | {"base_model." + n for n in names}  # soft prompts
+        base_names = {checkpoint.PREFIX + n for n in names} | {
+            "base_model." + n for n in names
+        }  # soft prompts
         checkpoint.copy_into(
             self.adapter_entries(adapter_name),
             state,
