@@ -111,8 +111,17 @@ def evaluate(
     """Score a trained adapter on labelled data."""
     from deltatune.train.data import load_table
     from deltatune.train.recipe import load_run, prepare_tables
+    from deltatune.train.tasks import TASKS
 
     model, task, run = load_run(adapter)
+    own = TASKS[run.task].load_splits(run, 0)  # a task that splits its own data (rec) scores its test split
+    if own is not None:
+        if file:
+            fail(f"task {run.task} scores the test split of its own data ({run.train_file}); drop --file.")
+        tables, _, sources = own
+        features = task.prepare(tables["test"], sources["test"])
+        _print_metrics(task.evaluate(model, features, batch_size), as_json)
+        return
     path = file or run.eval_file or run.test_file
     if not path:
         fail("No data to evaluate: pass --file, or train with an eval_file.")
@@ -294,13 +303,19 @@ def bench(
 @app.command()
 @guarded
 def serve(
-    model: str = typer.Option(..., "--model", help="Base model: folder, hub name, .gguf or packaged alias."),
+    model: str = typer.Option(
+        None, "--model", help="Base model: folder, hub name, .gguf or packaged alias (not for --task rec)."
+    ),
     adapter: list[str] | None = typer.Option(  # noqa: B008 - a list option (typer reads its default here)
         None, "--adapter", help="NAME=DIR, repeatable (trusted: any folder)."
     ),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
-    task: str = typer.Option("seq-cls", help="seq-cls (POST /v1/classify) or causal-lm (POST /v1/generate)."),
+    task: str = typer.Option(
+        "seq-cls",
+        help="seq-cls (POST /v1/classify), causal-lm (POST /v1/generate) or rec (POST /v1/recommend; each "
+        "--adapter is an output_dir of `deltatune train` with task: rec).",
+    ),
     admin_token: str = typer.Option(
         None, envvar="DELTATUNE_ADMIN_TOKEN", help="Bearer token for load/unload (unset: admin off)."
     ),
