@@ -109,12 +109,18 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ):
     """Score a trained adapter on labelled data."""
+    import yaml
+
     from deltatune.train.data import load_table
-    from deltatune.train.recipe import load_run, prepare_tables
+    from deltatune.train.recipe import RUN_CONFIG, load_run, prepare_tables
     from deltatune.train.tasks import TASKS
 
     model, task, run = load_run(adapter)
-    own = TASKS[run.task].load_splits(run, 0)  # a task that splits its own data (rec) scores its test split
+    with open(os.path.join(adapter, RUN_CONFIG)) as fh:
+        seed = int((yaml.safe_load(fh) or {}).get("seed", 0))  # the run's split subsets are seeded
+    own = TASKS[run.task].load_splits(
+        run, seed
+    )  # a task that splits its own data (rec) scores its test split
     if own is not None:
         if file:
             fail(f"task {run.task} scores the test split of its own data ({run.train_file}); drop --file.")
