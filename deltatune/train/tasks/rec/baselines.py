@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from deltatune.train.tasks.rec.data import Case, Event
@@ -65,7 +64,9 @@ class ALS:
             )
             self.model.fit(self.matrix([liked_items(events) for events in rows]), show_progress=False)
 
-    def matrix(self, item_lists: Sequence[Sequence[int]]) -> sp.csr_matrix:
+    def matrix(self, item_lists: Sequence[Sequence[int]]):
+        import scipy.sparse as sp
+
         rows = [r for r, items in enumerate(item_lists) for _ in items]
         cols = [i for items in item_lists for i in items]
         data = np.ones(len(cols), dtype=np.float32)

@@ -18,14 +18,18 @@ import os
 import random
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from deltatune.errors import DataError
 from deltatune.train.data import read_json_rows, require_columns
 from deltatune.train.tasks.rec.options import RecOptions
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas is imported where it is used: every `deltatune` command imports the task list, and only rec reads logs.
 
 # MovieLens-100K's own layouts (the dataset's README): u.data is tab-separated without a header; u.item is
 # '|'-separated Latin-1 with 19 genre flags.
@@ -39,6 +43,8 @@ U_ITEM_COLUMNS = ["item_id", "title", "release_date", "video_release_date", "imd
 
 def read_frame(path: str) -> pd.DataFrame:
     """Every column as text (ids stay as written); MovieLens' u.data and u.item layouts are recognised."""
+    import pandas as pd
+
     if not os.path.isfile(path):
         raise DataError(f"Data file not found: {path} (resolved to {os.path.abspath(path)}).")
     ext = os.path.splitext(path)[1].lower()
@@ -87,6 +93,8 @@ def _id_text(value: Any) -> str:
 
 
 def as_numbers(values: pd.Series, column: str, source: str) -> np.ndarray:
+    import pandas as pd
+
     numbers = pd.to_numeric(values, errors="coerce")
     if numbers.isna().any():
         row = int(np.flatnonzero(numbers.isna().to_numpy())[0])
@@ -96,6 +104,8 @@ def as_numbers(values: pd.Series, column: str, source: str) -> np.ndarray:
 
 def as_times(values: pd.Series, column: str, source: str) -> np.ndarray:
     """Numbers (e.g. Unix seconds) as they are; anything else is parsed as a date."""
+    import pandas as pd
+
     numbers = pd.to_numeric(values, errors="coerce")
     if not numbers.isna().any():
         return numbers.to_numpy(dtype=float)
@@ -134,6 +144,8 @@ class Catalogue:
 
 
 def read_catalogue(options: RecOptions) -> Catalogue:
+    import pandas as pd
+
     source = options.item_file
     frame = read_frame(source)
     id_column = options.item_id_column or options.item_column
