@@ -269,7 +269,7 @@ def same_items(a, b):
     )
 
 
-def test_saved_run_predicts_evaluates_and_serves_the_same(ranking_run, data):
+def test_saved_run_predicts_evaluates_and_serves_the_same(ranking_run, data, tmp_path):
     from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
@@ -296,6 +296,8 @@ def test_saved_run_predicts_evaluates_and_serves_the_same(ranking_run, data):
     assert json.loads(result.stdout)["ndcg@10"] == pytest.approx(
         ranking_run["metrics"]["test_ndcg@10"], abs=1e-6
     )
+    result = CliRunner().invoke(app, ["merge", ranking_run["out"], str(tmp_path / "merged")])
+    assert result.exit_code == 2 and "TextTower" in result.output  # no transformers model to save: refused
     result = CliRunner().invoke(app, ["predict", ranking_run["out"]], input='{"user": "u0", "k": 5}\n')
     assert result.exit_code == 0, result.output
     assert same_items(json.loads(result.stdout)["items"], by_user["items"])

@@ -118,9 +118,8 @@ def evaluate(
     model, task, run = load_run(adapter)
     with open(os.path.join(adapter, RUN_CONFIG)) as fh:
         seed = int((yaml.safe_load(fh) or {}).get("seed", 0))  # the run's split subsets are seeded
-    own = TASKS[run.task].load_splits(
-        run, seed
-    )  # a task that splits its own data (rec) scores its test split
+    # a task that splits its own data (rec) scores its test split
+    own = TASKS[run.task].load_splits(run, seed)
     if own is not None:
         if file:
             fail(f"task {run.task} scores the test split of its own data ({run.train_file}); drop --file.")

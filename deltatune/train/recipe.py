@@ -808,6 +808,11 @@ def merge_run(adapter_dir: str, output: str) -> dict[str, Any]:
         raise MergeError(f"{output} is the run's own folder; write the merged model to another folder.")
     model, task, _ = load_run(adapter_dir)
     merged = model.merge_and_unload()
+    if not hasattr(merged, "save_pretrained"):  # e.g. rec's TextTower: an encoder plus the task's own modules
+        raise MergeError(
+            f"Task {task.name!r} wraps the base model in a {type(merged).__name__}, which is no transformers "
+            "model to save; use the run folder itself (deltatune predict / serve)."
+        )
     merged.save_pretrained(output)
     if task.tokenizer is not None:
         task.tokenizer.save_pretrained(output)
