@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench bench-quick lint format clean
+.PHONY: venv demo test test-fast bench bench-quick bench-rec lint format clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/deltatune bench --quick
+
+# task: rec on MovieLens-100K (built into data/ml-100k/ from the recbole wheel on PyPI; nothing is installed).
+bench-rec: $(STAMP)
+	$(BIN)/python bench/rec_movielens.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check deltatune tests bench

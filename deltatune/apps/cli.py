@@ -130,10 +130,24 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ):
     """Score a trained adapter on labelled data."""
+    import yaml
+
     from deltatune.train.data import load_table
-    from deltatune.train.recipe import load_run, prepare_tables
+    from deltatune.train.recipe import RUN_CONFIG, load_run, prepare_tables
+    from deltatune.train.tasks import TASKS
 
     model, task, run = load_run(adapter)
+    with open(os.path.join(adapter, RUN_CONFIG)) as fh:
+        seed = int((yaml.safe_load(fh) or {}).get("seed", 0))  # the run's split subsets are seeded
+    # a task that splits its own data (rec) scores its test split
+    own = TASKS[run.task].load_splits(run, seed)
+    if own is not None:
+        if file:
+            fail(f"task {run.task} scores the test split of its own data ({run.train_file}); drop --file.")
+        tables, _, sources = own
+        features = task.prepare(tables["test"], sources["test"])
+        _print_metrics(task.evaluate(model, features, batch_size), as_json)
+        return
     path = file or run.eval_file or run.test_file
     if not path:
         fail("No data to evaluate: pass --file, or train with an eval_file.")
@@ -315,7 +329,9 @@ def bench(
 @app.command()
 @guarded
 def serve(
-    model: str = typer.Option(..., "--model", help="Base model: folder, hub name, .gguf or packaged alias."),
+    model: str = typer.Option(
+        None, "--model", help="Base model: folder, hub name, .gguf or packaged alias (not for --task rec)."
+    ),
     adapter: list[str] | None = typer.Option(  # noqa: B008 - a list option (typer reads its default here)
         None, "--adapter", help="NAME=DIR, repeatable (trusted: any folder)."
     ),
@@ -323,7 +339,8 @@ def serve(
     port: int = typer.Option(8000),
     task: str = typer.Option(
         None,
-        help="seq-cls (POST /v1/classify) or causal-lm (POST /v1/generate); default: from the adapters' "
+        help="seq-cls (POST /v1/classify), causal-lm (POST /v1/generate) or rec (POST /v1/recommend; each "
+        "--adapter is an output_dir of `deltatune train` with task: rec); default: from the adapters' "
         "task_type, else the model's architecture.",
     ),
     admin_token: str = typer.Option(

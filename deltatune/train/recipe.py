@@ -105,6 +105,7 @@ class RunConfig:
     dtype: str | None = None  # e.g. bfloat16 to load the base model in half precision
     quantize: str | None = None  # nf4 | fp4 | int8: a quantized base (QLoRA); the `qlora` method implies nf4
     labels: list[str | int] | None = None  # written by a run: the label names, in class-id order
+    rec: dict[str, Any] | None = None  # task: rec's options (deltatune/train/tasks/rec/options.py)
 
     def __post_init__(self) -> None:
         check_fields(self, "the recipe")
@@ -232,8 +233,14 @@ def validate(raw: dict[str, Any]) -> dict[str, Any]:
                     f"Unknown {method} option {section}.{key}.{_closest(key, option_names)} "
                     f"Valid options: {', '.join(sorted(option_names))}."
                 )
-    if not isinstance(raw.get("task", "seq-cls"), str) or raw.get("task", "seq-cls") not in recipe_tasks():
+    task = raw.get("task", "seq-cls")
+    if not isinstance(task, str) or task not in recipe_tasks():
         raise RecipeError(f"Unknown task {raw.get('task')!r}; use one of: {', '.join(recipe_tasks())}.")
+    for other in set(recipe_tasks()) & RUN_KEYS - {task}:  # a task's own options live under its name
+        if raw.get(other):
+            raise RecipeError(
+                f"Options under {other!r} belong to task {other!r}; this recipe uses task {task!r}."
+            )
     lr = raw.get("lr", TrainConfig.lr)
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise RecipeError(
@@ -300,6 +307,10 @@ def load_recipe(path: str | None, overrides: list[str] | dict[str, Any] | None =
             raise RecipeError(f"{key} must be a path or a name, got {raw[key]!r}.")
     for key in ("train_file", "eval_file", "test_file", "teacher"):
         raw[key] = resolve_path(raw.get(key), recipe_dir)
+    for dotted in TASKS[raw.get("task", "seq-cls")].recipe_paths:
+        section, key = dotted.split(".")
+        if isinstance(raw.get(section), dict) and raw[section].get(key):
+            raw[section] = {**raw[section], key: resolve_path(raw[section][key], recipe_dir)}
     if raw.get("model") and (os.path.sep in raw["model"] or raw["model"].startswith(".")):
         raw["model"] = resolve_path(raw["model"], recipe_dir)
     return raw
@@ -361,7 +372,14 @@ def split_recipe(raw: dict[str, Any]) -> tuple[RunConfig, TrainConfig, dict[str,
 # layer; soft prompts get 20 virtual tokens); AdaLoRA's rank budget is spread over the run's real number of steps.
 
 
-def make_peft_config(run: RunConfig, options: dict[str, Any], total_steps: int = 1, tokenizer: Any = None):
+def make_peft_config(
+    run: RunConfig,
+    options: dict[str, Any],
+    total_steps: int = 1,
+    tokenizer: Any = None,
+    task: Task | None = None,
+):
+    """The adapter config of a run; with the built `task`, its task type and the modules it trains in full."""
     peft_type, implied, config_cls = method_info(run.method)
     names = {f.name for f in dataclasses.fields(config_cls) if f.init}
     kwargs = {**implied, **options}
@@ -375,7 +393,15 @@ def make_peft_config(run: RunConfig, options: dict[str, Any], total_steps: int =
     if "total_step" in names and kwargs.get("total_step") is None:
         kwargs["total_step"] = total_steps
     if "task_type" in names:
-        kwargs.setdefault("task_type", TASKS[run.task].task_type)
+        kwargs.setdefault("task_type", (task or TASKS[run.task]).task_type)
+    extra = task.modules_to_save() if task is not None else []
+    if extra:
+        if "modules_to_save" not in names:
+            raise RecipeError(
+                f"Task {run.task!r} trains {extra} in full beside the adapter, which {run.method} cannot save "
+                "(its config has no modules_to_save); use lora, ia3 or another method that has it."
+            )
+        kwargs["modules_to_save"] = list(dict.fromkeys([*(kwargs.get("modules_to_save") or []), *extra]))
     try:
         return config_cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -432,6 +458,15 @@ def prepare_data(run: RunConfig, seed: int) -> tuple[dict[str, Any], dict[str, A
         tables["validation"] = _subset(tables["validation"], run.max_eval_samples, seed)
     report = data_report(run, tables, rows_read, {"empty": empty, **report["dropped"]}, report, seed)
     return tables, report
+
+
+def load_data(run: RunConfig, seed: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(tables, data report, sources) of a run: the task's own (rec splits one log) or the recipe's files."""
+    own = TASKS[run.task].load_splits(run, seed)
+    if own is not None:
+        return own
+    tables, report = prepare_data(run, seed)
+    return tables, report, data_sources(run)
 
 
 def prepare_tables(run: RunConfig, tables: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
@@ -589,7 +624,9 @@ def data_report(
 
 
 def format_data_report(report: dict[str, Any]) -> str:
-    """The report in a few lines, for the terminal."""
+    """The report in a few lines, for the terminal (a task that reads its own data writes its own lines)."""
+    if "summary" in report:
+        return report["summary"]
     said = {
         "empty": "empty",
         "duplicate": "duplicates",
@@ -707,7 +744,11 @@ def load_base(run: RunConfig, labels: LabelMap | None):
     quantization = run.quantize or registry.resolve_variant(run.method)[1].quantize
     try:
         return load_model_and_tokenizer(
-            run.model, task=run.task, dtype=dtype, quantization=quantization, **kwargs
+            run.model,
+            task=TASKS[run.task].model_task(run),
+            dtype=dtype,
+            quantization=quantization,
+            **kwargs,
         )
     except (OSError, ValueError) as err:
         raise RecipeError(f"Could not load model {run.model!r}: {err}") from err
@@ -736,8 +777,7 @@ def train_from_recipe(raw: dict[str, Any]) -> dict[str, Any]:
         claim_run_dir(train_cfg)
     continuing = train_cfg.resume and os.path.exists(os.path.join(train_cfg.output_dir, CHECKPOINT))
     seed_everything(train_cfg.seed)
-    tables, report = prepare_data(run, train_cfg.seed)
-    sources = data_sources(run)
+    tables, report, sources = load_data(run, train_cfg.seed)
     labels = fit_labels(run, tables["train"])
     run.labels = labels.names if labels else None
     check_labels(run, labels, tables, sources)  # before the slow model load
@@ -762,8 +802,9 @@ def train_from_recipe(raw: dict[str, Any]) -> dict[str, Any]:
         options,
         planned_steps(train_cfg, len(features["train"]), int(os.environ.get("WORLD_SIZE", "1"))),
         tokenizer,
+        task,
     )
-    peft_model = get_peft_model(model, peft_config)
+    peft_model = get_peft_model(task.wrap_model(model), peft_config)
     teacher = load_teacher(run, labels)
     trainer = Trainer(
         peft_model,
@@ -858,9 +899,10 @@ def load_run(adapter_dir: str):
     run, _, _ = split_recipe(raw)
     labels = LabelMap(run.labels) if run.labels else None
     base, tokenizer = load_base(run, labels)
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    task = build_task(run, tokenizer, labels)
+    model = PeftModel.from_pretrained(task.wrap_model(base), adapter_dir)
     model.eval()
-    return model, build_task(run, tokenizer, labels), run
+    return model, task, run
 
 
 def merge_run(adapter_dir: str, output: str) -> dict[str, Any]:
@@ -878,6 +920,11 @@ def merge_run(adapter_dir: str, output: str) -> dict[str, Any]:
         raise MergeError(f"{output} is the run's own folder; write the merged model to another folder.")
     model, task, _ = load_run(adapter_dir)
     merged = model.merge_and_unload()
+    if not hasattr(merged, "save_pretrained"):  # e.g. rec's TextTower: an encoder plus the task's own modules
+        raise MergeError(
+            f"Task {task.name!r} wraps the base model in a {type(merged).__name__}, which is no transformers "
+            "model to save; use the run folder itself (deltatune predict / serve)."
+        )
     merged.save_pretrained(output)
     if task.tokenizer is not None:
         task.tokenizer.save_pretrained(output)

@@ -8,23 +8,43 @@ checkpoint (whose language-model head was never trained).
 
 from __future__ import annotations
 
+import os
+
+import yaml
+
 from deltatune.config import PeftConfig
 from deltatune.errors import ConfigError
 from deltatune.models import architecture_task
+from deltatune.train.recipe import RUN_CONFIG
 from deltatune.train.tasks import TASKS
 
 CLASSIFIER_TASKS = ("seq-cls", "token-cls")
 
 
 def task_of_adapters(adapters: dict[str, str]) -> dict[str, str]:
-    """Adapter name -> task name, for the adapters whose config records a task_type."""
+    """Adapter name -> task name: the task of the run that wrote the folder (its run_config.yaml) when there is
+    one, else the task its config's task_type stands for."""
     by_type = {task.task_type: name for name, task in TASKS.items() if task.task_type}
     found = {}
     for name, path in adapters.items():
+        run_task = _run_task(path)
         task_type = PeftConfig.from_pretrained(path).task_type
-        if task_type:
+        if run_task:
+            found[name] = run_task
+        elif task_type:
             found[name] = by_type.get(task_type, task_type)
     return found
+
+
+def _run_task(folder: str) -> str | None:
+    """The `task:` of the `deltatune train` run that wrote `folder`, if it did."""
+    path = os.path.join(folder, RUN_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        raw = yaml.safe_load(fh)
+    task = raw.get("task") if isinstance(raw, dict) else None
+    return task if isinstance(task, str) and task in TASKS else None
 
 
 def infer_task(model: str, adapters: dict[str, str], requested: str | None = None) -> tuple[str, str]:
@@ -37,7 +57,7 @@ def infer_task(model: str, adapters: dict[str, str], requested: str | None = Non
         raise ConfigError(
             f"The adapters are for different tasks ({shown}); serve each task from its own server."
         )
-    from_model = architecture_task(model)
+    from_model = architecture_task(model) if model else None
     if requested:
         task, why = requested, "--task"
     elif distinct:

@@ -27,6 +27,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from deltatune.apps.serve.batching import AdapterError, Batcher, Engine
+from deltatune.apps.serve.recommend import RecommendEngine, RecommendRequest
+from deltatune.errors import DeltatuneError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -165,7 +167,7 @@ def resolve_under_root(root: str, path: str) -> str:
     return real
 
 
-def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(engine: Engine | RecommendEngine, settings: ServeSettings | None = None) -> FastAPI:
     """The HTTP app around `engine`; all model work runs on one worker thread, in arrival-ordered batches."""
     settings = settings or ServeSettings()
     token = settings.admin_token or os.environ.get("DELTATUNE_ADMIN_TOKEN") or None
@@ -310,6 +312,26 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
         return await answer("generate", req.adapter, work)
 
+    @app.post("/v1/recommend")
+    async def recommend(req: RecommendRequest) -> dict[str, Any]:
+        """Top-k items for a user or a typed history (rec ranking runs), or P(Yes) for an item (preference runs);
+        the same answer as `deltatune predict` on that run."""
+
+        async def work():
+            need_task("rec", "/v1/recommend")
+            claim(req.adapter)
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    executor, engine.recommend, req.adapter, req.row()
+                )
+            except DeltatuneError as err:  # an unknown user or item, an empty history: the request's fault
+                raise HTTPException(400, str(err)) from err
+            finally:
+                release(req.adapter)
+            return {"adapter": req.adapter, **result}
+
+        return await answer("recommend", req.adapter, work)
+
     @app.get("/v1/adapters")
     async def list_adapters() -> dict[str, Any]:
         return {
@@ -367,9 +389,24 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     return app
 
 
-def build_engine(model: str, adapters: dict[str, str], task: str = "seq-cls") -> Engine:
-    """Load the base model and the operator's adapters (trusted folders, named at start)."""
+def build_engine(
+    model: str | None, adapters: dict[str, str], task: str = "seq-cls"
+) -> Engine | RecommendEngine:
+    """Load the base model and the operator's adapters (trusted folders, named at start). Rec runs bring their
+    own base model (named in each run's config), so `model` must then be None."""
     from deltatune.models import load_model_and_tokenizer
+
+    if task == "rec":
+        if model is not None:
+            raise ValueError(
+                "task rec serves whole runs, each with the base model it was trained on; drop --model."
+            )
+        rec = RecommendEngine()
+        for name, path in adapters.items():
+            rec.load(name, path)
+        return rec
+    if model is None:
+        raise ValueError(f"task {task} needs --model: the base model the adapters share.")
 
     labels = run_labels(list(adapters.values())) if task == "seq-cls" else None
     kwargs = {}

@@ -9,6 +9,7 @@ from deltatune.train.tasks.causal_lm import CausalLMTask
 from deltatune.train.tasks.classification import SequenceClassificationTask
 from deltatune.train.tasks.custom import CustomTask
 from deltatune.train.tasks.image_classification import ImageClassificationTask, image_folder
+from deltatune.train.tasks.rec import RecTask
 from deltatune.train.tasks.seq2seq import Seq2SeqTask
 from deltatune.train.tasks.token_classification import TokenClassificationTask
 
@@ -21,6 +22,7 @@ TASKS: dict[str, type[Task]] = {
         CausalLMTask,
         Seq2SeqTask,
         ImageClassificationTask,
+        RecTask,
         CustomTask,
     )
 }
@@ -30,6 +32,7 @@ __all__ = [
     "CausalLMTask",
     "CustomTask",
     "ImageClassificationTask",
+    "RecTask",
     "Seq2SeqTask",
     "SequenceClassificationTask",
     "StepOutput",

@@ -88,6 +88,28 @@ class Task:
         """The label set a run learns from its training table (None: the task has no label set)."""
         return None
 
+    # --- what a task may change about a recipe's run (each default is what the other tasks do) ----------------
+    recipe_paths: tuple[str, ...] = ()  # dotted recipe keys of further files, resolved like train_file
+
+    @classmethod
+    def load_splits(cls, run: Any, seed: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]] | None:
+        """(tables, data report, sources) for a task that reads its data itself (the report's `summary` is what
+        the terminal shows); None: the recipe's train/eval/test files."""
+        return None
+
+    @classmethod
+    def model_task(cls, run: Any) -> str:
+        """Which head `load_model_and_tokenizer` loads (a key of deltatune.models.TASK_AUTO_CLASS)."""
+        return run.task
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module the adapter is added to (and loaded onto): the base model, or a module built around it."""
+        return model
+
+    def modules_to_save(self) -> list[str]:
+        """Modules of `wrap_model`'s result that train in full beside the adapter and are saved with it."""
+        return []
+
     def __init__(self, tokenizer: Any = None, max_length: int = 256) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
