@@ -6,8 +6,8 @@ modules, keyed by `model.config.model_type`, with the same picks as peft for the
 adapts the same modules in either library (and the saved `adapter_config.json` names them explicitly).
 
 Columns: `lora` (LoRA, DoRA, rsLoRA, and AdaLoRA unless `adalora` differs), `ia3` (IA3's targets) and `feedforward`
-(the IA3 targets whose input, not output, is scaled). Families beyond peft's table (ViT and its relatives) use the
-same picks as their text counterparts.
+(the IA3 targets whose input, not output, is scaled). Families beyond peft's table (ViT and its relatives) pick
+the same roles as their text counterparts (query and value; keys, values and the FFN output for IA3).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ _QWEN = Picks(_QV, ("q_proj", "v_proj", "down_proj"), ("down_proj",))
 _BERT = Picks(("query", "value"), ("key", "value", "output.dense"), ("output.dense",))
 _FALCON = Picks(("query_key_value",), ("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",))
 _GPT2 = Picks(("c_attn",), ("c_attn", "mlp.c_proj"), ("mlp.c_proj",))
+# transformers 5 names vision transformers' attention q/k/v/o_proj and their MLP fc1/fc2.
+_VIT = Picks(_QV, ("k_proj", "v_proj", "mlp.fc2"), ("mlp.fc2",))
 _ALL_ATTN_FFN_BART = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 DEFAULTS: dict[str, Picks] = {
@@ -75,10 +77,12 @@ DEFAULTS: dict[str, Picks] = {
     "t5": Picks(("q", "v"), ("k", "v", "wo"), ("wo",), ("q", "k", "v", "o", "wi", "wo")),
     "mt5": Picks(("q", "v"), ("k", "v", "wi_1"), (), ("q", "k", "v", "o", "wi_0", "wi_1", "wo")),
     "bart": Picks(_QV, ("q_proj", "v_proj", "fc2"), ("fc2",), _ALL_ATTN_FFN_BART),
-    # vision (beyond peft's table: the same picks as the text encoders they copy)
-    "vit": _BERT,
-    "deit": _BERT,
-    "dinov2": _BERT,
+    # vision (beyond peft's table: query and value, as for the text encoders they copy)
+    "vit": _VIT,
+    "deit": _VIT,
+    "dinov2": _VIT,
+    "beit": _VIT,
+    "swin": _VIT,
 }
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from deltatune.errors import AdapterNotFoundError, UnsupportedModelError
+from deltatune.layer import Wrapper
 
 peft = pytest.importorskip("peft")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -602,3 +603,27 @@ def test_hook_recognises_deltatune_models_and_leaves_others_alone():
     without_peft = types.ModuleType("fake_sft_trainer")  # trl with peft uninstalled has no BaseTunerLayer
     hook._patch_trl_sft(without_peft)
     assert without_peft.BaseTunerLayer is AdapterLayer
+
+
+@pytest.mark.parametrize("config_name", ["LoraConfig", "IA3Config"])
+def test_vision_transformer_without_target_modules_adapts_attention_and_runs(config_name):
+    """peft has no ViT row; ours must match the module names transformers gives ViT today (q_proj/v_proj, mlp.fc2),
+    or a bare config refuses with "matched no module"."""
+    model = dt.get_peft_model(tiny_vit(), getattr(dt, config_name)())
+    wrapped = {
+        ".".join(name.split(".")[-2:])
+        for name, module in model.named_modules()
+        if isinstance(module, Wrapper)
+    }
+    expected = (
+        {"attention.q_proj", "attention.v_proj"}
+        if config_name == "LoraConfig"
+        else {
+            "attention.k_proj",
+            "attention.v_proj",
+            "mlp.fc2",
+        }
+    )
+    assert wrapped == expected
+    logits = model(pixel_values=torch.randn(2, 3, 16, 16)).logits
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
