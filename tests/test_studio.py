@@ -69,7 +69,9 @@ def wait_for(client, name, until, timeout=120):
         if until(run):
             return run
         time.sleep(0.2)
-    raise AssertionError(f"run {name} never got there: {run['state']} {run.get('error')} {run.get('console')}")
+    raise AssertionError(
+        f"run {name} never got there: {run['state']} {run.get('error')} {run.get('console')}"
+    )
 
 
 # --- the form ---------------------------------------------------------------------------------------------
@@ -116,7 +118,9 @@ def test_check_names_each_wrong_field_in_words(client):
     assert "whole number" in errors["lora.r"] and "no option 'nope'" in errors["lora.nope"]
     assert "no column 'sentiment'" in errors["label_column"] and "text, label" in errors["label_column"]
     assert "hub name" in errors["model"]
-    missing = client.post("/api/check", json=form(train_file="", eval_file="", method="lorra")).json()["errors"]
+    missing = client.post("/api/check", json=form(train_file="", eval_file="", method="lorra")).json()[
+        "errors"
+    ]
     assert "Did you mean 'lora'" in missing["method"] and "training file" in missing["train_file"]
 
 
@@ -129,7 +133,10 @@ def test_check_and_recipe_files_round_trip_through_deltatune_train(client, ws, t
     path.write_text(checked["yaml"])
     assert load_recipe(str(path))["lora"] == {"r": 4, "lora_alpha": 8}  # the file `deltatune train` reads
     loaded = client.post("/api/recipe/parse", json={"text": checked["yaml"] + "resume: true\n"}).json()
-    assert loaded["form"]["train_file"] == "data/train.csv" and loaded["form"]["lora"] == {"r": "4", "lora_alpha": "8"}
+    assert loaded["form"]["train_file"] == "data/train.csv" and loaded["form"]["lora"] == {
+        "r": "4",
+        "lora_alpha": "8",
+    }
     assert any("resume" in note for note in loaded["notes"])  # reported, not dropped in silence
     again = client.post("/api/check", json={**loaded["form"], "name": "x"}).json()
     assert again["recipe"] == recipe
@@ -182,7 +189,9 @@ def test_start_runs_training_in_the_background_and_reports_its_results(client, w
 
 
 def test_stop_and_resume_continue_from_the_checkpoint(client, ws):
-    response = client.post("/api/runs", json=form(name="long", max_steps="3000", save_every="2", eval_every="0"))
+    response = client.post(
+        "/api/runs", json=form(name="long", max_steps="3000", save_every="2", eval_every="0")
+    )
     assert response.status_code == 201, response.text
     run = wait_for(client, "long", lambda r: r["progress"]["step"] >= 6 and r["has_checkpoint"])
     assert run["state"] == "running" and run["progress"]["total_steps"] == 3000
@@ -221,14 +230,21 @@ def test_compare_lists_runs_and_opens_bench_results(client, ws, finished):
     table = client.get("/api/bench/table", params={"path": "bench/bench.json"}).json()
     lora = next(r for r in table["runs"] if r["method"] == "lora")
     row = next(r for r in bench["methods"] if r["method"] == "lora")
-    assert lora["trainable_params"] == row["trainable_params"] and lora["metrics"]["dev_accuracy"] == row["dev_accuracy"]
+    assert (
+        lora["trainable_params"] == row["trainable_params"]
+        and lora["metrics"]["dev_accuracy"] == row["dev_accuracy"]
+    )
 
 
 @pytest.fixture(scope="module")
 def more_runs(ws):
     """An IA3 run on the same base (it cannot share a batch) and a causal-LM LoRA run, trained in-process."""
     rows = sentiment_rows(40, seed=3)
-    common = {"train_file": str(ws / "data" / "train.csv"), "eval_file": str(ws / "data" / "dev.csv"), **QUIET}
+    common = {
+        "train_file": str(ws / "data" / "train.csv"),
+        "eval_file": str(ws / "data" / "dev.csv"),
+        **QUIET,
+    }
     train_from_recipe(
         load_recipe(
             None,
@@ -243,7 +259,9 @@ def more_runs(ws):
         )
     )
     tiny_llama_folder(str(ws / "models" / "llama"))
-    chat = [{"instruction": "say", "input": text, "output": "good" if label else "bad"} for text, label in rows]
+    chat = [
+        {"instruction": "say", "input": text, "output": "good" if label else "bad"} for text, label in rows
+    ]
     (ws / "data" / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in chat))
     train_from_recipe(
         load_recipe(
@@ -268,7 +286,9 @@ def test_playground_runs_base_and_adapters_in_one_batch_and_matches_predict(clie
     bert = next(g for g in groups if g["task"] == "seq-cls")
     assert {a["name"]: a["shared_batch"] for a in bert["adapters"]} == {"run1": True, "ia3run": False}
     text = "the movie was superb"
-    out = client.post("/api/playground", json={"adapters": ["run1", "ia3run"], "base": True, "text": text}).json()
+    out = client.post(
+        "/api/playground", json={"adapters": ["run1", "ia3run"], "base": True, "text": text}
+    ).json()
     assert [o["name"] for o in out["outputs"]] == ["(base model)", "run1", "ia3run"]
     assert [o["pass"] for o in out["outputs"]] == ["shared batch", "shared batch", "own model"]
     for output in out["outputs"][1:]:  # the same answer `deltatune predict` gives
@@ -329,7 +349,12 @@ def test_files_are_read_and_written_only_under_the_workspace(client, ws, tmp_pat
     assert client.get("/api/runs/run1/files/..%2F..%2Fetc%2Fpasswd").status_code in (403, 404)
     assert client.get("/api/runs/..%2F..%2Fetc/log").status_code in (400, 404)
     assert client.post("/api/runs", json=form(name="../escape")).status_code == 400
-    assert "outside" in client.post("/api/recipe/parse", json={"text": f"model: m\ntrain_file: {outside}\n"}).json()["errors"]["train_file"]
+    assert (
+        "outside"
+        in client.post("/api/recipe/parse", json={"text": f"model: m\ntrain_file: {outside}\n"}).json()[
+            "errors"
+        ]["train_file"]
+    )
 
 
 def test_uploads_have_a_size_limit_and_a_name_check(ws, tmp_path):

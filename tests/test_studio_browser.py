@@ -133,7 +133,7 @@ def test_the_whole_flow_in_chromium(studio, browser, tmp_path):
     from selenium.webdriver.support.ui import Select
 
     url, workspace = studio
-    rows = sentiment_rows(200, seed=5)
+    rows = [(text, "positive" if label else "negative") for text, label in sentiment_rows(200, seed=5)]
     train = write_csv(str(tmp_path / "upload" / "reviews-train.csv"), rows[:150] + rows[:4])  # 4 copies
     dev = write_csv(str(tmp_path / "upload" / "reviews-dev.csv"), rows[150:])
     driver = browser
@@ -144,11 +144,22 @@ def test_the_whole_flow_in_chromium(studio, browser, tmp_path):
     type_into(driver, "#f-model", "models/bert")
     upload = driver.find_element("id", "upload-input")  # what the "Upload a data file" button opens
     upload.send_keys(train)
-    wait(driver, lambda d: "reviews-train.csv" in Select(d.find_element("id", "f-train_file")).first_selected_option.text)
+    wait(
+        driver,
+        lambda d: (
+            "reviews-train.csv" in Select(d.find_element("id", "f-train_file")).first_selected_option.text
+        ),
+    )
     upload.send_keys(dev)
-    wait(driver, lambda d: "reviews-dev.csv" in Select(d.find_element("id", "f-eval_file")).first_selected_option.text)
-    report = wait(driver, lambda d: "validation" in text_of(d, "#data-report") and text_of(d, "#data-report"),
-                  what="the data report")
+    wait(
+        driver,
+        lambda d: "reviews-dev.csv" in Select(d.find_element("id", "f-eval_file")).first_selected_option.text,
+    )
+    report = wait(
+        driver,
+        lambda d: "validation" in text_of(d, "#data-report") and text_of(d, "#data-report"),
+        what="the data report",
+    )
     duplicates = 154 - len({text for text, _ in rows[:150]})
     assert f"Dropped: {duplicates} duplicates" in report
     assert "Rows read: train 154 (data/reviews-train.csv), validation 50 (data/reviews-dev.csv)" in report
@@ -180,7 +191,9 @@ def test_the_whole_flow_in_chromium(studio, browser, tmp_path):
     # the run page: the curve grows while it trains, then the final metrics
     driver.find_element("id", "start").click()
     wait(driver, lambda d: d.current_url.endswith("#/runs/reviews-lora"), what="the run page")
-    points = "return studio.charts.loss.data.datasets.length ? studio.charts.loss.data.datasets[0].data.length : 0"
+    points = (
+        "return studio.charts.loss.data.datasets.length ? studio.charts.loss.data.datasets[0].data.length : 0"
+    )
     seen = set()
     deadline = time.time() + 120
     while time.time() < deadline and text_of(driver, "#run-state") != "finished":
@@ -198,7 +211,9 @@ def test_the_whole_flow_in_chromium(studio, browser, tmp_path):
 
     # compare: the run's row with its parameter count
     driver.get(url + "#/compare")
-    table = wait(driver, lambda d: "reviews-lora" in text_of(d, "#compare-table") and text_of(d, "#compare-table"))
+    table = wait(
+        driver, lambda d: "reviews-lora" in text_of(d, "#compare-table") and text_of(d, "#compare-table")
+    )
     assert "Trainable params" in table and "eval_accuracy" in table
     screenshot(driver, tmp_path, "compare")
 
@@ -207,9 +222,15 @@ def test_the_whole_flow_in_chromium(studio, browser, tmp_path):
     wait(driver, lambda d: "reviews-lora" in text_of(d, "#play-adapters"), what="the adapters")
     type_into(driver, "#play-text", "a superb and fun film")
     driver.find_element("id", "play-run").click()
-    cards = wait(driver, lambda d: len(d.find_elements("css selector", ".output")) == 2
-                 and d.find_elements("css selector", ".output"), what="the outputs")
+    cards = wait(
+        driver,
+        lambda d: (
+            len(d.find_elements("css selector", ".output")) == 2
+            and d.find_elements("css selector", ".output")
+        ),
+        what="the outputs",
+    )
     base, adapter = (card.text for card in cards)
     assert base.startswith("(base model)") and adapter.startswith("reviews-lora")
-    assert "shared batch" in adapter and adapter.splitlines()[3] in ("0", "1")  # the predicted label
+    assert "shared batch" in adapter and adapter.splitlines()[3] in ("positive", "negative")  # the label
     screenshot(driver, tmp_path, "playground")

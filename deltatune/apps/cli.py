@@ -383,7 +383,9 @@ def serve(
 @app.command()
 @guarded
 def studio(
-    workspace: str = typer.Option("runs", help="The only folder the studio reads and writes (runs, uploads)."),
+    workspace: str = typer.Option(
+        "runs", help="The only folder the studio reads and writes (runs, uploads)."
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to bind; any but localhost needs --token."),
     port: int = typer.Option(7860),
     token: str = typer.Option(

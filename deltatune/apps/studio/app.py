@@ -13,19 +13,18 @@ import ipaddress
 import os
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, HTTPException, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-
-from deltatune.errors import AdapterNotFoundError, DeltatuneError, RunError
 
 from deltatune.apps.studio.forms import FormErrors, check_form, form_from_yaml, preview, recipe_yaml, schema
 from deltatune.apps.studio.playground import Playground
 from deltatune.apps.studio.runs import Runs, read_json
 from deltatune.apps.studio.workspace import OutsideWorkspace, UploadTooLarge, Workspace
+from deltatune.errors import AdapterNotFoundError, DeltatuneError, RunError
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 COOKIE = "deltatune_studio_token"
@@ -70,6 +69,9 @@ STATUS: tuple[tuple[type[BaseException], int], ...] = (
 )
 
 
+Form = Annotated[dict[str, Any], Body()]  # the New-run form: recipe keys (see forms.py)
+
+
 class PlayRequest(BaseModel):
     adapters: list[str] = Field(default_factory=list)
     base: bool = False
@@ -112,10 +114,13 @@ def create_app(settings: StudioSettings | None = None) -> FastAPI:
         if path.startswith("/api/"):
             if token and not token_ok(request):
                 return JSONResponse(
-                    {"detail": "This studio needs its token: open the address it printed (with ?token=...)."}, 401
+                    {"detail": "This studio needs its token: open the address it printed (with ?token=...)."},
+                    401,
                 )
             if request.method not in ("GET", "HEAD") and request.headers.get(CHANGE_HEADER) != "1":
-                return JSONResponse({"detail": f"Requests that change anything need the {CHANGE_HEADER} header."}, 403)
+                return JSONResponse(
+                    {"detail": f"Requests that change anything need the {CHANGE_HEADER} header."}, 403
+                )
         return await call_next(request)
 
     @app.exception_handler(FormErrors)
@@ -159,16 +164,16 @@ def create_app(settings: StudioSettings | None = None) -> FastAPI:
         return {"path": path}
 
     @app.post("/api/preview")
-    def post_preview(form: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    def post_preview(form: Form) -> dict[str, Any]:
         return preview(ws, form)
 
     @app.post("/api/check")
-    def check(form: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    def check(form: Form) -> dict[str, Any]:
         recipe = check_form(ws, form)
         return {"recipe": recipe, "yaml": recipe_yaml(recipe)}
 
     @app.post("/api/recipe/parse")
-    def parse_recipe(text: str = Body(..., embed=True, max_length=1_000_000)) -> dict[str, Any]:
+    def parse_recipe(text: Annotated[str, Body(embed=True, max_length=1_000_000)]) -> dict[str, Any]:
         return form_from_yaml(ws, text)
 
     # --- runs ---------------------------------------------------------------------------------------------
@@ -177,7 +182,7 @@ def create_app(settings: StudioSettings | None = None) -> FastAPI:
         return {"runs": runs.list()}
 
     @app.post("/api/runs", status_code=201)
-    def start_run(form: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    def start_run(form: Form) -> dict[str, Any]:
         name = str(form.get("name") or "")
         ws.run_folder(name, must_exist=False)  # a bad name is refused before the form is checked
         recipe = check_form(ws, form)

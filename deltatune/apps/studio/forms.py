@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from deltatune import registry
+from deltatune.apps.studio.workspace import Workspace
 from deltatune.config import PeftConfig
 from deltatune.errors import DeltatuneError
 from deltatune.models import PACKAGED
@@ -38,8 +39,6 @@ from deltatune.train.recipe import (
 )
 from deltatune.train.schedules import OPTIMIZERS, SCHEDULES
 from deltatune.train.trainer import TrainConfig
-
-from deltatune.apps.studio.workspace import Workspace
 
 # Keys the studio sets itself: the run folder, and the flags its Start / Resume buttons stand for.
 STUDIO_KEYS = ("output_dir", "resume", "resume_with_changes", "overwrite", "progress", "labels")
@@ -156,13 +155,13 @@ def method_options(name: str) -> list[dict[str, Any]]:
     return specs
 
 
-def setting_fields() -> list[tuple[dataclasses.Field, type]]:
+def setting_fields() -> list[dataclasses.Field]:
     """RunConfig and TrainConfig fields the form shows as settings (not studio-controlled, no own widget)."""
     out = []
     for cls in (RunConfig, TrainConfig):
         for f in dataclasses.fields(cls):
             if f.name not in STUDIO_KEYS and f.name not in OWN_WIDGETS and f.init:
-                out.append((f, cls))
+                out.append(f)
     return out
 
 
@@ -195,7 +194,7 @@ def schema(ws: Workspace) -> dict[str, Any]:
         )
     help_text = {**field_comments(RunConfig), **field_comments(TrainConfig)}
     settings = []
-    for f, cls in setting_fields():
+    for f in setting_fields():
         spec = field_spec(f, STUDIO_DEFAULTS.get(f.name, default_of(f)), help_text)
         spec["group"] = "main" if f.name in MAIN_SETTINGS else "more"
         spec["always"] = f.name in STUDIO_DEFAULTS  # differs from the trainer's default: always written
@@ -299,7 +298,7 @@ def check_form(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
                 errors[key] = str(err)
 
     # settings: typed by their dataclass annotation, then each checked by the trainer's own rules
-    kinds = {f.name: annotation(f) for f, _ in setting_fields()}
+    kinds = {f.name: annotation(f) for f in setting_fields()}
     for key, raw in form.items():
         if key in kinds:
             value = parse_field(raw, kinds[key])
@@ -312,7 +311,9 @@ def check_form(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
             errors[key] = f"{key} is set by the studio (its Start and Resume buttons), not in the form."
         elif key not in OWN_WIDGETS and key not in MODEL_KEYS and key not in sections and key != "name":
             errors[key] = f"Unknown setting {key!r}."
-    train_settings = {k: v for k, v in recipe.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    train_settings = {
+        k: v for k, v in recipe.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}
+    }
     for key, value in train_settings.items():
         if key not in errors:
             try:
@@ -458,7 +459,7 @@ def preview(ws: Workspace, form: dict[str, Any], rows: int = 5) -> dict[str, Any
     for key in COLUMN_KEYS:
         if form.get(key):
             recipe[key] = str(form[key]).strip()
-    kinds = {f.name: annotation(f) for f, _ in setting_fields()}
+    kinds = {f.name: annotation(f) for f in setting_fields()}
     for key in (*DATA_SETTINGS, "seed"):
         value = parse_field(form.get(key), kinds[key]) if key in form else None
         if value is not None:

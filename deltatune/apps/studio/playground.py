@@ -20,15 +20,14 @@ import torch
 from torch import nn
 
 from deltatune import registry
+from deltatune.apps.studio.runs import read_yaml
+from deltatune.apps.studio.workspace import EXPORTS_DIR, Workspace
 from deltatune.config import PeftConfig
 from deltatune.errors import ConfigError, MergeError
 from deltatune.model import BASE_ADAPTER, PeftModel
 from deltatune.train.data import LabelMap, render_prompt
 from deltatune.train.recipe import RUN_CONFIG, build_task, load_base, load_run, merge_run, split_recipe
 from deltatune.train.tasks import Task
-
-from deltatune.apps.studio.runs import read_yaml
-from deltatune.apps.studio.workspace import EXPORTS_DIR, Workspace
 
 BASE = "(base model)"
 TEXT_TASKS = ("seq-cls", "causal-lm", "seq2seq")
@@ -105,7 +104,12 @@ class Playground:
                 },
             )
             group["adapters"].append(
-                {"name": name, "method": info["method"], "shared_batch": info["mixed"], "mergeable": info["mergeable"]}
+                {
+                    "name": name,
+                    "method": info["method"],
+                    "shared_batch": info["mixed"],
+                    "mergeable": info["mergeable"],
+                }
             )
         return list(groups.values())
 
@@ -150,7 +154,12 @@ class Playground:
 
     # --- one input, several models ------------------------------------------------------------------
     def compare(
-        self, adapters: list[str], include_base: bool, text: str, text_pair: str | None, options: dict[str, Any]
+        self,
+        adapters: list[str],
+        include_base: bool,
+        text: str,
+        text_pair: str | None,
+        options: dict[str, Any],
     ) -> dict[str, Any]:
         """Outputs for `text` from the base (if asked) and each adapter, in the order asked."""
         if not adapters and not include_base:
@@ -170,7 +179,9 @@ class Playground:
             raise ConfigError(f"The playground takes text inputs; task {first['task']!r} has none.")
         sampling = options.get("do_sample") or options.get("seed") is not None
         if first["task"] != "causal-lm" and (sampling or options.get("max_new_tokens")):
-            raise ConfigError("Generation options apply to causal-lm adapters only; clear them for this task.")
+            raise ConfigError(
+                "Generation options apply to causal-lm adapters only; clear them for this task."
+            )
         shared = [n for n in infos if infos[n]["mixed"]]
         with self.lock:
             outputs: dict[str, dict[str, Any]] = {}
@@ -187,7 +198,9 @@ class Playground:
         order = ([BASE] if include_base else []) + list(infos)
         return {
             "task": first["task"],
-            "outputs": [{"name": n, "method": infos[n]["method"] if n in infos else None, **outputs[n]} for n in order],
+            "outputs": [
+                {"name": n, "method": infos[n]["method"] if n in infos else None, **outputs[n]} for n in order
+            ],
         }
 
     def _run(
@@ -207,7 +220,9 @@ class Playground:
         row = {getattr(task, "text_column", "text"): text}
         if getattr(task, "text_pair_column", None):
             if not text_pair:
-                raise ConfigError(f"These adapters read text pairs; fill in the second text ({task.text_pair_column}).")
+                raise ConfigError(
+                    f"These adapters read text pairs; fill in the second text ({task.text_pair_column})."
+                )
             row[task.text_pair_column] = text_pair
         scope = model.row_adapters(names) if mixed else nullcontext()
         with torch.no_grad(), scope:
@@ -217,7 +232,9 @@ class Playground:
         """Merge the run's adapter into its base and save a full model to exports/<run>-merged."""
         info = adapter_info(self.ws, name)
         if not info["mergeable"]:
-            raise MergeError(f"{info['method']} adapters cannot be folded into the weights; export needs LoRA-like.")
+            raise MergeError(
+                f"{info['method']} adapters cannot be folded into the weights; export needs LoRA-like."
+            )
         out = os.path.join(self.ws.root, EXPORTS_DIR, f"{name}-merged")
         if os.path.exists(out):
             raise MergeError(f"{self.ws.relative(out)} already exists; delete it to export again.")

@@ -21,11 +21,10 @@ from typing import Any
 
 import yaml
 
-from deltatune.errors import RunError
+from deltatune.apps.studio.workspace import RECIPE_FILE, STATE_FILE, Workspace
+from deltatune.errors import DeltatuneError, RunError
 from deltatune.train.recipe import DATA_REPORT, RUN_CONFIG
 from deltatune.train.trainer import CHECKPOINT, LOG, SUMMARY, TrainConfig, planned_steps
-
-from deltatune.apps.studio.workspace import RECIPE_FILE, STATE_FILE, Workspace
 
 CONSOLE = "train.log"
 METRICS = "metrics.json"
@@ -161,7 +160,9 @@ class Runs:
             )
         self.children[name] = child
         state = self._state(folder)
-        state.update(pid=child.pid, started_at=time.time(), stop_requested=False, exit_code=None, ended_at=None)
+        state.update(
+            pid=child.pid, started_at=time.time(), stop_requested=False, exit_code=None, ended_at=None
+        )
         state.setdefault("starts", []).append({"at": state["started_at"], "flags": flags})
         self._write_state(folder, state)
 
@@ -193,7 +194,9 @@ class Runs:
         with self.lock:
             state = self._state(folder)
             if not os.path.isfile(os.path.join(folder, RECIPE_FILE)):
-                raise RunError(f"Run {name!r} was not started by the studio; resume it with `deltatune train`.")
+                raise RunError(
+                    f"Run {name!r} was not started by the studio; resume it with `deltatune train`."
+                )
             if self._alive(name, folder, state):
                 raise RunError(f"Run {name!r} is already running.")
             if self.phase(name, folder, state) == "finished":
@@ -219,7 +222,7 @@ class Runs:
             report = read_json(os.path.join(folder, DATA_REPORT)) or {}
             rows = (report.get("rows") or {}).get("train")
             fields = {k: v for k, v in recipe.items() if k in TrainConfig.__dataclass_fields__}
-            with contextlib.suppress(TypeError, ValueError, Exception):
+            with contextlib.suppress(TypeError, ValueError, DeltatuneError):  # a hand-edited recipe
                 config = TrainConfig(**{k: v for k, v in fields.items() if k not in ("resume", "overwrite")})
                 if config.max_steps > 0 or rows:
                     total = planned_steps(config, rows or 1)

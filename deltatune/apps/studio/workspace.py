@@ -160,7 +160,9 @@ class Workspace:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, name)
         if os.path.exists(path):
-            raise ConfigError(f"{DATA_DIR}/{name} already exists in the workspace; rename the file or pick it.")
+            raise ConfigError(
+                f"{DATA_DIR}/{name} already exists in the workspace; rename the file or pick it."
+            )
         size = 0
         try:
             with open(path + ".part", "wb") as fh:
