@@ -114,8 +114,10 @@ def test_check_names_each_wrong_field_in_words(client):
     assert response.status_code == 422
     errors = response.json()["errors"]
     assert "lr must be positive" in errors["lr"]
-    assert "whole number" in errors["batch_size"]
-    assert "whole number" in errors["lora.r"] and "no option 'nope'" in errors["lora.nope"]
+    assert errors["batch_size"] == "batch_size must be an integer, got 'two'."
+    assert (
+        errors["lora.r"] == "r must be an integer, got 'abc'." and "no option 'nope'" in errors["lora.nope"]
+    )
     assert "no column 'sentiment'" in errors["label_column"] and "text, label" in errors["label_column"]
     assert "hub name" in errors["model"]
     missing = client.post("/api/check", json=form(train_file="", eval_file="", method="lorra")).json()[

@@ -5,8 +5,10 @@ folder (and to docs/ with DELTATUNE_UPDATE_SCREENSHOTS=1); each step asserts wha
 
 Needs Debian's chromium and chromium-driver (`make test` installs them when it runs as root); skipped otherwise."""
 
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,11 +60,9 @@ def studio(tmp_path):
     for run in workspace.iterdir():  # a run still training when the test failed
         state = run / "studio.json"
         if state.exists():
-            import json
-
             pid = json.loads(state.read_text()).get("pid")
             if pid and os.path.exists(f"/proc/{pid}"):
-                os.killpg(pid, 15)
+                os.killpg(pid, signal.SIGTERM)
 
 
 @pytest.fixture

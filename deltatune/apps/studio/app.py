@@ -121,7 +121,11 @@ def create_app(settings: StudioSettings | None = None) -> FastAPI:
                 return JSONResponse(
                     {"detail": f"Requests that change anything need the {CHANGE_HEADER} header."}, 403
                 )
-        return await call_next(request)
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = (
+            "nosniff"  # a run's files are shown as text, never as pages
+        )
+        return response
 
     @app.exception_handler(FormErrors)
     async def form_errors(_request: Request, err: FormErrors):

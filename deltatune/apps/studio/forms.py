@@ -14,13 +14,14 @@ import enum
 import inspect
 import os
 import re
+import typing
 from typing import Any
 
 import yaml
 
 from deltatune import registry
 from deltatune.apps.studio.workspace import Workspace
-from deltatune.config import PeftConfig
+from deltatune.config import PeftConfig, describe_type, type_problem
 from deltatune.errors import DeltatuneError
 from deltatune.models import PACKAGED
 from deltatune.quant import QUANT_TYPES
@@ -215,41 +216,22 @@ def schema(ws: Workspace) -> dict[str, Any]:
 
 
 # --- checking a form --------------------------------------------------------------------------------
-_KIND_WORDS = {
-    "int": "a whole number",
-    "float": "a number",
-    "bool": "true or false",
-    "str": "text",
-    "list": "a list, e.g. [a, b]",
-    "dict": "a mapping, e.g. {a: 1}",
-}
+def type_hints(cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation (what the configs' own check, `config.check_fields`, holds them to)."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {}
 
 
-def _matches(value: Any, kind: str) -> bool | None:
-    """Whether `value` is of the annotation part `kind`; None for a kind this check does not know (accepted)."""
-    base = kind.split("[")[0].strip()
-    checks = {
-        "None": lambda v: v is None,
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-        "list": lambda v: isinstance(v, list),
-        "tuple": lambda v: isinstance(v, list),
-        "dict": lambda v: isinstance(v, dict),
-    }
-    return checks[base](value) if base in checks else None
-
-
-def type_problem(value: Any, kind: str) -> str | None:
-    """'must be a whole number' when `value` does not fit the annotation `kind` (e.g. 'float | None')."""
-    parts = [p.strip() for p in kind.split("|")]
-    results = [_matches(value, p) for p in parts]
-    if any(r is None or r for r in results):
+def field_problem(key: str, value: Any, hint: Any) -> str | None:
+    """'lr must be a finite number, got 'abc'.' when `value` does not fit the annotation `hint`."""
+    if hint is None:
         return None
-    words = [_KIND_WORDS.get(p.split("[")[0], p) for p in parts if p != "None"]
-    empty = " (or empty)" if "None" in parts else ""
-    return f"must be {' or '.join(words)}{empty}, got {value!r}"
+    problem = type_problem(value, hint)
+    if problem is None:
+        return None
+    return f"{key} must be {describe_type(hint)}, got {value!r}{'; ' + problem if problem else ''}."
 
 
 def parse_field(raw: Any, kind: str) -> Any:
@@ -299,12 +281,13 @@ def check_form(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
 
     # settings: typed by their dataclass annotation, then each checked by the trainer's own rules
     kinds = {f.name: annotation(f) for f in setting_fields()}
+    hints = {**type_hints(RunConfig), **type_hints(TrainConfig)}
     for key, raw in form.items():
         if key in kinds:
             value = parse_field(raw, kinds[key])
-            problem = type_problem(value, kinds[key]) if value is not None else None
+            problem = field_problem(key, value, hints.get(key)) if value is not None else None
             if problem:
-                errors[key] = f"{key} {problem}."
+                errors[key] = problem
             elif value is not None:
                 recipe[key] = value
         elif key in STUDIO_KEYS:
@@ -329,6 +312,7 @@ def check_form(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
     # method options: typed by the config's annotations, then the config built as the run will build it
     if chosen is not None:
         option_kinds = {s["key"]: s["type"] for s in method_options(method)}
+        option_hints = type_hints(method_config_class(method))
         options = {}
         for key, raw in (form.get(chosen.name) or {}).items():
             field_key = f"{chosen.name}.{key}"
@@ -336,9 +320,9 @@ def check_form(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
                 errors[field_key] = f"{method} has no option {key!r}."
                 continue
             value = parse_field(raw, option_kinds[key])
-            problem = type_problem(value, option_kinds[key]) if value is not None else None
+            problem = field_problem(key, value, option_hints.get(key)) if value is not None else None
             if problem:
-                errors[field_key] = f"{key} {problem}."
+                errors[field_key] = problem
             elif value is not None:
                 options[key] = value
         if options:

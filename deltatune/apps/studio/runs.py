@@ -112,10 +112,10 @@ class Runs:
             return False
 
     def phase(self, name: str, folder: str, state: dict[str, Any]) -> str:
-        """running | finished | stopped | failed | not started (a folder without a studio record: finished when the
-        trainer wrote its metrics)."""
+        """running | finished | stopped | failed; a run folder the studio did not start (`deltatune train
+        --output_dir ...`) is finished once the trainer wrote its metrics, else incomplete."""
         if not state:
-            return "finished" if os.path.isfile(os.path.join(folder, METRICS)) else "not started"
+            return "finished" if os.path.isfile(os.path.join(folder, METRICS)) else "incomplete"
         if self._alive(name, folder, state):
             return "running"
         code = state.get("exit_code")
