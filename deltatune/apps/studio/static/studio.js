@@ -576,6 +576,7 @@ function addRecords(records) {
 }
 
 async function showRun(name) {
+  stopTimer();
   for (const chart of Object.values(studio.charts)) chart.destroy();
   studio.charts = {
     loss: lineChart($("#chart-loss"), "loss"),
@@ -588,7 +589,7 @@ async function showRun(name) {
   $("#run-stop").onclick = () => runAction(name, "stop");
   $("#run-resume").onclick = () => runAction(name, "resume");
   await refreshRun(name);
-  studio.timer = setInterval(() => refreshRun(name).catch((err) => banner(err.message)), 1000);
+  studio.timer = setInterval(() => refreshRun(name).catch((err) => banner(err.message)), 500);
 }
 
 async function runAction(name, action) {
@@ -602,15 +603,27 @@ async function runAction(name, action) {
   await showRun(name);
 }
 
+let refreshing = false;
+
 async function refreshRun(name) {
-  const path = `/api/runs/${encodeURIComponent(name)}`;
-  const [run, log] = await Promise.all([api(path), api(`${path}/log?since=${studio.logCount}`)]);
-  if (studio.run !== name) return;
-  if (log.count < studio.logCount) return showRun(name); // a resume rewrote the log: draw it again
-  studio.logCount = log.count;
-  addRecords(log.records);
-  renderRun(run);
-  if (run.state !== "running") stopTimer();
+  if (refreshing) return; // the previous refresh is still on its way: never add the same records twice
+  refreshing = true;
+  try {
+    const path = `/api/runs/${encodeURIComponent(name)}`;
+    const [run, log] = await Promise.all([api(path), api(`${path}/log?since=${studio.logCount}`)]);
+    if (studio.run !== name) return;
+    if (log.count < studio.logCount) { // a resume rewrote the log shorter: draw it again from the start
+      for (const chart of [studio.charts.loss, studio.charts.lr, studio.charts.evals]) chart.data.datasets = [];
+      studio.logCount = 0;
+      return;
+    }
+    studio.logCount = log.count;
+    addRecords(log.records);
+    renderRun(run);
+    if (run.state !== "running") stopTimer();
+  } finally {
+    refreshing = false;
+  }
 }
 
 function renderRun(run) {
