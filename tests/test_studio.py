@@ -11,6 +11,7 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from helpers import sentiment_rows, tiny_bert_folder, tiny_llama_folder, write_csv
+from helpers.rec import rec_events
 
 from deltatune import registry
 from deltatune.apps.studio import StudioSettings, create_app
@@ -159,12 +160,62 @@ def test_preview_shows_rows_and_the_data_report_the_run_writes(client):
     assert "no column 'sentence'" in wrong["errors"]["text_column"]
 
 
+def test_a_task_reading_its_own_data_is_previewed_and_checked_inside_the_workspace(client, ws, tmp_path):
+    """task: rec splits one interaction log itself and names a second file in its own section (rec.item_file):
+    the preview shows the task's own report, and that file is held to the workspace like train_file."""
+    items, events = rec_events(users=12)
+    write_csv(str(ws / "data" / "events.csv"), events, header=("user_id", "item_id", "rating", "timestamp"))
+    lines = ["item_id,title"] + [f"{r['item_id']},{r['title']}" for r in items]
+    (ws / "data" / "items.csv").write_text("\n".join(lines) + "\n")
+    rec = {
+        "task": "rec",
+        "train_file": "data/events.csv",
+        "eval_file": "",
+        "text_column": "",
+        "label_column": "",
+        "rec": "{item_file: data/items.csv, time_column: timestamp}",
+    }
+    out = client.post("/api/preview", json=form(**rec)).json()
+    report = out["report"]
+    assert "errors" not in out and report["events"] == len(events) == out["total_rows"]
+    assert report["users"] == 12 and report["files"] == {"log": "data/events.csv", "items": "data/items.csv"}
+    assert out["report_text"] == report["summary"] and report["rows"]["test"] == 12  # leave-last-out: 1 each
+    checked = client.post("/api/check", json=form(**rec)).json()
+    assert checked["recipe"]["rec"] == {
+        "item_file": str(ws / "data" / "items.csv"),
+        "time_column": "timestamp",
+    }
+    outside = write_csv(str(tmp_path / "items.csv"), [("i0", "x")], header=("item_id", "title"))
+    for section, says in (
+        (f"{{item_file: {outside}}}", "outside the studio's workspace"),
+        ("{item_file: data/items.csv, mode: rank}", "rec.mode must be one of ranking, preference"),
+    ):
+        errors = client.post("/api/check", json=form(**{**rec, "rec": section})).json()["errors"]
+        assert says in errors["rec"]
+    assert (
+        "belong to task 'rec'"
+        in client.post("/api/check", json=form(rec=rec["rec"])).json()["errors"]["_form"]
+    )
+
+
 # --- runs ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def finished(client, ws):
-    response = client.post("/api/runs", json=form())
-    assert response.status_code == 201, response.text
-    assert response.json()["state"] == "running"
+def started(client):
+    """Three runs started at once, so their processes' start-up overlaps: one to finish, one to stop and resume
+    (it trains until stopped), one that fails."""
+    forms = (
+        form(),
+        form(name="long", max_steps="3000", save_every="2", eval_every="0"),
+        form(name="broken", lora={"target_modules": "[no_such_layer]"}),
+    )
+    for body in forms:
+        response = client.post("/api/runs", json=body)
+        assert response.status_code == 201, response.text
+        assert response.json()["state"] == "running"
+
+
+@pytest.fixture(scope="module")
+def finished(client, started):
     return wait_for(client, "run1", lambda r: r["state"] in ("finished", "failed"))
 
 
@@ -190,11 +241,7 @@ def test_start_runs_training_in_the_background_and_reports_its_results(client, w
     assert again.status_code == 409 and "already has a run named 'run1'" in again.json()["detail"]
 
 
-def test_stop_and_resume_continue_from_the_checkpoint(client, ws):
-    response = client.post(
-        "/api/runs", json=form(name="long", max_steps="3000", save_every="2", eval_every="0")
-    )
-    assert response.status_code == 201, response.text
+def test_stop_and_resume_continue_from_the_checkpoint(client, ws, started):
     run = wait_for(client, "long", lambda r: r["progress"]["step"] >= 6 and r["has_checkpoint"])
     assert run["state"] == "running" and run["progress"]["total_steps"] == 3000
     assert run["progress"]["eta_s"] > 0
@@ -215,8 +262,7 @@ def test_stop_and_resume_continue_from_the_checkpoint(client, ws):
     assert run["starts"] == 2
 
 
-def test_a_failing_run_shows_the_error_line(client):
-    client.post("/api/runs", json=form(name="broken", lora={"target_modules": "[no_such_layer]"}))
+def test_a_failing_run_shows_the_error_line(client, started):
     run = wait_for(client, "broken", lambda r: r["state"] != "running")
     assert run["state"] == "failed" and "no_such_layer" in run["error"]
 

@@ -29,16 +29,16 @@ from deltatune.train.data import Cleaning, load_table, require_columns
 from deltatune.train.recipe import (
     RunConfig,
     coerce_numbers,
-    data_sources,
     format_data_report,
+    load_data,
     make_peft_config,
     method_info,
     parse_value,
-    prepare_data,
     recipe_tasks,
     validate,
 )
 from deltatune.train.schedules import OPTIMIZERS, SCHEDULES
+from deltatune.train.tasks import TASKS
 from deltatune.train.trainer import TrainConfig
 
 # Keys the studio sets itself: the run folder, and the flags its Start / Resume buttons stand for.
@@ -358,12 +358,18 @@ def check_form(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
     if clean:
         recipe["clean"] = {k: v for k, v in clean.items() if k in known}
     if task in recipe_tasks():
+        errors.update(task_paths(ws, recipe))
         errors.update(check_columns(recipe, errors))
     if not errors:
         try:
             validate(dict(recipe))
         except DeltatuneError as err:
             errors["_form"] = str(err)
+    if not errors:  # a task that reads and splits its data itself (rec) checks its options and files there
+        try:
+            TASKS[task].load_splits(data_run(recipe), int(recipe.get("seed", TrainConfig.seed)))
+        except (DeltatuneError, TypeError, ValueError) as err:
+            errors[_first_key_named(str(err), [task, *FILE_KEYS]) or "_form"] = str(err)
     if errors:
         raise FormErrors(errors)
     return recipe
@@ -371,6 +377,27 @@ def check_form(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
 
 def schema_methods() -> list[dict[str, Any]]:
     return [{"name": n, "section": m.name} for n, (m, _) in registry.variants().items()]
+
+
+def task_paths(ws: Workspace, recipe: dict[str, Any]) -> dict[str, str]:
+    """The files a task's own section names (rec.item_file: `Task.recipe_paths`), held to the workspace like
+    train_file; errors are keyed by the section, the field the form shows."""
+    errors: dict[str, str] = {}
+    for dotted in TASKS[recipe["task"]].recipe_paths:
+        section, key = dotted.split(".")
+        options = recipe.get(section)
+        if isinstance(options, dict) and options.get(key):
+            try:
+                recipe[section] = {**options, key: ws.resolve(str(options[key]), what=f"{dotted} file")}
+            except DeltatuneError as err:
+                errors[section] = str(err)
+    return errors
+
+
+def data_run(recipe: dict[str, Any]) -> RunConfig:
+    """The RunConfig of a checked recipe's data keys (what data preparation reads)."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in recipe.items() if k in fields})
 
 
 def check_columns(recipe: dict[str, Any], errors: dict[str, str]) -> dict[str, str]:
@@ -444,25 +471,23 @@ def preview(ws: Workspace, form: dict[str, Any], rows: int = 5) -> dict[str, Any
         if form.get(key):
             recipe[key] = str(form[key]).strip()
     kinds = {f.name: annotation(f) for f in setting_fields()}
-    for key in (*DATA_SETTINGS, "seed"):
+    for key in (*DATA_SETTINGS, "seed", *({task} & set(kinds))):  # a task's own section (rec:) too
         value = parse_field(form.get(key), kinds[key]) if key in form else None
         if value is not None:
             recipe[key] = value
     recipe["clean"] = {k: v for k, v in (form.get("clean") or {}).items() if isinstance(v, bool)}
     if not errors:
-        errors = check_columns(recipe, errors)
+        errors = {**task_paths(ws, recipe), **check_columns(recipe, errors)}
     if errors:
         out["errors"] = errors
         return out
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    run = RunConfig(**{k: v for k, v in recipe.items() if k in fields})
     try:
-        _, report = prepare_data(run, int(recipe.get("seed", TrainConfig.seed)))
+        _, report, _ = load_data(data_run(recipe), int(recipe.get("seed", TrainConfig.seed)))
     except (DeltatuneError, TypeError, ValueError) as err:
-        out["errors"] = {"_data": str(err)}
+        out["errors"] = {_first_key_named(str(err), [task]) or "_data": str(err)}
         return out
-    shown = {k: ws.relative(v) if v and os.path.isabs(v) else v for k, v in data_sources(run).items()}
-    report["files"] = {k: shown[k] for k in report["files"]}
+    files = report.get("files") or {}
+    report["files"] = {k: ws.relative(v) if v and os.path.isabs(v) else v for k, v in files.items()}
     out["report"] = report
     out["report_text"] = format_data_report(report)
     return out

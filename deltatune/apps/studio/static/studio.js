@@ -357,6 +357,8 @@ const DROPPED = { empty: "empty", duplicate: "duplicates", conflicting_label: "w
   overlap_with_eval_test: "also in the validation/test files" };
 
 function renderReport(report) {
+  const title = el("h3", {}, "Data report (what the run will train and score on)");
+  if (report.summary) return el("div", { class: "report", id: "data-report" }, title, el("p", {}, report.summary)); // a task's own
   const said = DROPPED;
   const read = Object.entries(report.rows_read).map(([s, n]) => `${s} ${fmtInt(n)} (${report.files[s]})`).join(", ");
   const dropped = Object.entries(report.dropped).filter(([, n]) => n).map(([r, n]) => `${fmtInt(n)} ${said[r] || r}`);
@@ -369,7 +371,7 @@ function renderReport(report) {
     el("li", {}, `Dropped: ${dropped.length ? dropped.join(", ") : "none"}`),
     el("li", {}, `Splits: ${rows} (${split}, seed ${report.seed})`),
   ];
-  const parts = [el("h3", {}, "Data report (what the run will train and score on)"), el("ul", {}, items)];
+  const parts = [title, el("ul", {}, items)];
   const splits = Object.keys(report.labels || {});
   if (splits.length) {
     const labels = [...new Set(splits.flatMap((s) => Object.keys(report.labels[s])))];
@@ -675,6 +677,7 @@ function renderRun(run) {
 }
 
 function reportText(report) {
+  if (report.summary) return report.summary; // a task that reads its data itself (rec) writes its own lines
   const lines = [`rows read: ${Object.entries(report.rows_read).map(([s, n]) => `${s} ${n}`).join(", ")}`,
     `dropped: ${Object.entries(report.dropped).filter(([, n]) => n).map(([r, n]) => `${n} ${DROPPED[r] || r}`).join(", ") || "none"}`,
     `splits: ${Object.entries(report.rows).map(([s, n]) => `${s} ${n}`).join(", ")}`];
