@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench bench-quick bench-rec lint format clean
+.PHONY: venv demo studio browser studio-assets test test-fast bench bench-quick bench-rec lint format clean
 
 venv: $(STAMP)
 
@@ -27,7 +27,31 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m deltatune.apps.demo
 
-test: $(STAMP)
+# `deltatune studio` on ./runs (prints the address to open).
+studio: $(STAMP)
+	$(BIN)/deltatune studio
+
+# The studio's browser test drives Debian's Chromium: installed here when missing and we are root (as CI is);
+# otherwise tests/test_studio_browser.py skips with a one-line reason.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver for the studio's browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	      >/dev/null) || echo "could not install chromium; the browser test will skip"; \
+	  else echo "chromium is missing and this is not root: the studio's browser test will skip"; fi; \
+	fi
+
+# Refresh the studio's chart library (a built file from the npm registry, committed; MIT licence beside it).
+CHARTJS_VERSION ?= 4.6.1
+STUDIO_VENDOR := deltatune/apps/studio/static/vendor
+studio-assets:
+	rm -rf build/chartjs && mkdir -p build/chartjs
+	cd build/chartjs && npm pack --silent chart.js@$(CHARTJS_VERSION) && tar xzf chart.js-$(CHARTJS_VERSION).tgz
+	cp build/chartjs/package/dist/chart.umd.min.js $(STUDIO_VENDOR)/chart.umd.min.js
+	cp build/chartjs/package/LICENSE.md $(STUDIO_VENDOR)/chart.js-LICENSE.md
+
+test: $(STAMP) browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

@@ -8,6 +8,7 @@
     deltatune merge-adapters a/ b/ --weights 0.7,0.3 --combination svd --rank 8 -o combined/
     deltatune inspect runs/sst2 | MODEL
     deltatune bench [--quick] [--model M] [--methods lora,ia3]
+    deltatune studio [--workspace runs] [--host 127.0.0.1 --port 7860] [--token T]
 
 Mistakes in the input (a missing file or column, an unknown key or method, a bad value) print one line that says
 what is wrong and how to fix it, and exit with status 2. Set DELTATUNE_DEBUG=1 to see the traceback instead.
@@ -377,6 +378,25 @@ def serve(
         max_new_tokens=max_new_tokens,
     )
     uvicorn.run(create_app(build_engine(model, adapters, task), settings), host=host, port=port)
+
+
+@app.command()
+@guarded
+def studio(
+    workspace: str = typer.Option(
+        "runs", help="The only folder the studio reads and writes (runs, uploads)."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; any but localhost needs --token."),
+    port: int = typer.Option(7860),
+    token: str = typer.Option(
+        None, envvar="DELTATUNE_STUDIO_TOKEN", help="Required on every API request (and off localhost)."
+    ),
+    max_upload_mb: float = typer.Option(200, help="Largest data file the page may upload, in MiB."),
+):
+    """Fine-tune, watch, compare and try adapters in the browser (prints the address to open)."""
+    from deltatune.apps.studio import StudioSettings, serve
+
+    serve(StudioSettings(workspace, host, port, token, int(max_upload_mb * 2**20)))
 
 
 def main() -> None:

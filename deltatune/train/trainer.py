@@ -704,6 +704,7 @@ class Trainer:
                     **stats,
                     "epoch": self.pos.epoch + self.pos.step_in_epoch / len(steps),
                     "tokens_per_s": rate,
+                    "elapsed_s": self.pos.elapsed,  # training time so far (resumes included): ETAs read it
                 }
                 if c.log_every and self.pos.global_step % c.log_every == 0:
                     self.log(record)
