@@ -30,7 +30,9 @@ def pipeline_dir(tmp_path_factory):
 
 
 def lora_unet(pipeline, seed=0):
-    model = dt.get_peft_model(pipeline.unet, dt.LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION_PROJECTIONS))
+    model = dt.get_peft_model(
+        pipeline.unet, dt.LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION_PROJECTIONS)
+    )
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,7 +60,11 @@ def test_diffusers_loads_the_lora_and_draws_the_same_images(pipeline_dir, tmp_pa
     theirs.set_progress_bar_config(disable=True)
     theirs.load_lora_weights(str(tmp_path / "lora"))
     generator = torch.Generator().manual_seed(3)
-    their_images = pixels(theirs(PROMPT, generator=generator, num_inference_steps=4, guidance_scale=1.0, height=16, width=16).images)
+    their_images = pixels(
+        theirs(
+            PROMPT, generator=generator, num_inference_steps=4, guidance_scale=1.0, height=16, width=16
+        ).images
+    )
     assert np.abs(their_images - our_images).max() <= 1  # uint8 rounding at most
 
     # and back: the file diffusers holds now, saved by diffusers, loads into deltatune with the same UNet outputs
@@ -74,22 +80,35 @@ def test_diffusers_loads_the_lora_and_draws_the_same_images(pipeline_dir, tmp_pa
     loaded = D.load_diffusers_lora(fresh.unet, str(tmp_path / "from-diffusers"))
     x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x, t, encoder_hidden_states=text).sample, theirs.unet(x, t, encoder_hidden_states=text).sample, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            loaded(x, t, encoder_hidden_states=text).sample,
+            theirs.unet(x, t, encoder_hidden_states=text).sample,
+            atol=1e-5,
+            rtol=1e-4,
+        )
 
 
-def test_a_file_without_metadata_takes_ranks_from_shapes_and_alphas_from_alpha_tensors(pipeline_dir, tmp_path):
+def test_a_file_without_metadata_takes_ranks_from_shapes_and_alphas_from_alpha_tensors(
+    pipeline_dir, tmp_path
+):
     from safetensors.torch import save_file
 
     model = lora_unet(D.load_pipeline(str(pipeline_dir)))
     tensors, _ = D.diffusers_state(model)
     modules = {k.rsplit(".lora_", 1)[0] for k in tensors}
-    save_file({**tensors, **{f"{m}.alpha": torch.tensor(8.0) for m in modules}}, tmp_path / "plain.safetensors")
-    loaded = D.load_diffusers_lora(D.load_pipeline(str(pipeline_dir)).unet, str(tmp_path / "plain.safetensors"))
+    save_file(
+        {**tensors, **{f"{m}.alpha": torch.tensor(8.0) for m in modules}}, tmp_path / "plain.safetensors"
+    )
+    loaded = D.load_diffusers_lora(
+        D.load_pipeline(str(pipeline_dir)).unet, str(tmp_path / "plain.safetensors")
+    )
     config = loaded.peft_config["default"]
     assert (config.r, config.lora_alpha) == (4, 8.0)
     x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([200]), torch.randn(1, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x, t, encoder_hidden_states=text).sample, model(x, t, encoder_hidden_states=text).sample)
+        torch.testing.assert_close(
+            loaded(x, t, encoder_hidden_states=text).sample, model(x, t, encoder_hidden_states=text).sample
+        )
     save_file({"text_encoder.x.lora_A.weight": torch.zeros(1, 1)}, tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match="no LoRA weights for 'unet'"):
         D.load_diffusers_lora(D.load_pipeline(str(pipeline_dir)).unet, str(tmp_path / "other.safetensors"))

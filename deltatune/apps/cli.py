@@ -190,8 +190,8 @@ def merge(
     adapter: str = typer.Argument(..., help="An output_dir written by `deltatune train`."),
     output: str = typer.Argument(..., help="Folder for the merged model (loads with transformers)."),
 ):
-    """Fold the adapter into the base weights and save a plain transformers model with its tokenizer; what was
-    written is reloaded and checked tensor by tensor."""
+    """Fold the adapter into the base weights and save a plain transformers model with its tokenizer (a
+    torchvision/timm model: model.safetensors, its state dict); what was written is reloaded and checked."""
     from deltatune.train.recipe import merge_run
 
     result = merge_run(adapter, output)

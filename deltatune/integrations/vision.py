@@ -106,7 +106,10 @@ def load_pretrained(model: nn.Module, path: str, fresh: tuple[str, ...] = ()) ->
     the model lacks (the original classifier of a feature extractor) are left out."""
     state = read_weights(path)
     own = model.state_dict()
-    is_fresh = lambda key: any(key == p or key.startswith(p + ".") for p in fresh)  # noqa: E731
+
+    def is_fresh(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in fresh)
+
     missing = [k for k in own if k not in state and not is_fresh(k)]
     wrong = [k for k in own if k in state and not is_fresh(k) and state[k].shape != own[k].shape]
     if missing or wrong:

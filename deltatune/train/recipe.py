@@ -946,16 +946,34 @@ def merge_run(adapter_dir: str, output: str) -> dict[str, Any]:
         raise MergeError(f"{output} is the run's own folder; write the merged model to another folder.")
     model, task, _ = load_run(adapter_dir)
     merged = model.merge_and_unload()
-    if not hasattr(merged, "save_pretrained"):  # e.g. rec's TextTower: an encoder plus the task's own modules
-        raise MergeError(
-            f"Task {task.name!r} wraps the base model in a {type(merged).__name__}, which is no transformers "
-            "model to save; use the run folder itself (deltatune predict / serve)."
-        )
+    if not hasattr(merged, "save_pretrained"):
+        if type(task).wrap_model is not Task.wrap_model:  # e.g. rec's TextTower: an encoder plus its own modules
+            raise MergeError(
+                f"Task {task.name!r} wraps the base model in a {type(merged).__name__}, which is no transformers "
+                "model to save; use the run folder itself (deltatune predict / serve)."
+            )
+        # a torchvision/timm model: its state dict
+        return {"output": os.path.abspath(output), "tensors_checked": save_state_dict(merged, output)}
     merged.save_pretrained(output)
     if task.tokenizer is not None:
         task.tokenizer.save_pretrained(output)
     checked = verify_saved_model(merged, output)
     return {"output": os.path.abspath(output), "tensors_checked": checked}
+
+
+def save_state_dict(model, folder: str) -> int:
+    """`folder`/model.safetensors: the model's state dict (what `load_state_dict` takes), reloaded and compared
+    bit for bit; returns how many tensors were checked."""
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.safetensors")
+    expected = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    save_file(expected, path)
+    found = load_file(path)
+    if set(found) != set(expected) or any(not torch.equal(found[k], v) for k, v in expected.items()):
+        raise MergeError(f"The weights saved to {path} do not reload as merged; write to an empty folder.")
+    return len(expected)
 
 
 def verify_saved_model(model, folder: str) -> int:
