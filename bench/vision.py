@@ -36,12 +36,12 @@ METHODS = {  # method -> (title, overrides)
 }  # fmt: skip
 
 
-def run_one(task: str, method: str, steps: int, out: str) -> dict:
+def run_one(task: str, method: str, steps: int, out: str, max_eval: int = 0) -> dict:
     recipe, keys = TASKS[task]
     folder = os.path.join("runs", "bench-vision", f"{task}-{method}")  # runs/ is git-ignored
     command = [sys.executable, "-m", "deltatune", "train", recipe, *METHODS[method][1], "--max_steps", str(steps),
                "--eval_every", "0", "--output_dir", folder, "--progress", "false", "--plot", "false",
-               "--tensorboard", "false", "--keep_checkpoint", "false"]  # fmt: skip
+               "--tensorboard", "false", "--keep_checkpoint", "false", "--max_eval_samples", str(max_eval)]  # fmt: skip
     start = time.time()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -54,6 +54,8 @@ def run_one(task: str, method: str, steps: int, out: str) -> dict:
     return {
         "task": task,
         "method": method,
+        "steps": steps,
+        "eval_images": max_eval or "all",
         "trainable_params": summary["trainable_params"],
         "stored_bytes": os.path.getsize(os.path.join(ROOT, folder, "adapter_model.safetensors")),
         "step_s": step_s,
@@ -70,7 +72,7 @@ def table(rows: list[dict]) -> str:
         if not mine:
             continue
         names = [k.removeprefix("eval_") for k in keys]
-        lines += [f"\n**{task}**\n", "| method | trainable params | stored bytes | step s | peak MiB | "
+        lines += [f"\n**{task}** ({mine[0]['steps']} steps, batch {32 if task == 'classification' else 16})\n", "| method | trainable params | stored bytes | step s | peak MiB | "
                   + " | ".join(names) + " |", "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in names) + " |"]  # fmt: skip
         for r in mine:
             scores = " | ".join(f"{r[n]:.3f}" for n in names)
@@ -81,35 +83,50 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(rows: list[dict], args, load_before: list[str]) -> None:
+    """The JSON and markdown tables, rewritten after every cell (rows of earlier runs for other cells are kept)."""
+    path = os.path.join(args.out, "vision.json")
+    previous = json.load(open(path))["rows"] if os.path.exists(path) else []
+    done = {(r["task"], r["method"]) for r in rows}
+    rows = [r for r in previous if (r["task"], r["method"]) not in done] + rows
+    order = {(t, m): i for i, (t, m) in enumerate((t, m) for t in TASKS for m in METHODS)}
+    rows.sort(key=lambda r: order[(r["task"], r["method"])])
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_before": load_before,
+        "load_average_after": open("/proc/loadavg").read().split()[:3],
+        "rows": rows,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)
+    with open(os.path.join(args.out, "vision.md"), "w") as fh:
+        fh.write(
+            f"# Vision table ({result['date']}, one torch thread, 2-core CPU shared with "
+            f"other work: load average {' '.join(load_before)} before, {' '.join(result['load_average_after'])} after)\n"
+            + table(rows)
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument(
+        "--max-eval", type=int, default=0, help="Score detection/segmentation on this many images."
+    )
     args = parser.parse_args()
     load_before = open("/proc/loadavg").read().split()[:3]
     rows = []
     for task in args.tasks.split(","):
         for method in args.methods.split(","):
-            rows.append(run_one(task, method, args.steps, args.out))
+            rows.append(
+                run_one(task, method, args.steps, args.out, args.max_eval if task != "classification" else 0)
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "steps": args.steps,
-        "load_average_before": load_before,
-        "load_average_after": open("/proc/loadavg").read().split()[:3],
-        "rows": rows,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "vision.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
-    with open(os.path.join(args.out, "vision.md"), "w") as fh:
-        fh.write(
-            f"# Vision table ({result['date']}, {args.steps} steps per cell, one torch thread, 2-core CPU shared with "
-            f"other work: load average {' '.join(load_before)} before, {' '.join(result['load_average_after'])} after)\n"
-            + table(rows)
-        )
+            write(rows, args, load_before)
     print(table(rows))
 
 

@@ -335,3 +335,17 @@ def test_image_classification_on_a_cnn_from_a_recipe(tmp_path):
                    freeze={"num_trainable_layers": 0, "train_head": False}, output_dir=str(tmp_path / "probe"))  # fmt: skip
     summary = train_from_recipe(probe)["summary"]
     assert summary["trainable_params"] == 1280 * 2 + 2  # the 1280 -> 2 linear head
+
+
+def test_images_from_the_network_are_base64_only(tmp_path):
+    import base64
+
+    from deltatune.train.images import open_image
+
+    Image.new("RGB", (5, 4), (1, 2, 3)).save(tmp_path / "a.png")
+    encoded = "data:image/png;base64," + base64.b64encode((tmp_path / "a.png").read_bytes()).decode()
+    assert open_image(encoded, read_files=False).size == (5, 4)
+    with pytest.raises(DataError, match="base64"):
+        open_image(str(tmp_path / "a.png"), read_files=False)  # a server never reads a path it was sent
+    with pytest.raises(DataError, match="not valid base64"):
+        open_image("data:image/png;base64,@@@")
