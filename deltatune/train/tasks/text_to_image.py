@@ -96,6 +96,8 @@ class TextToImageTask(Task):
         for column in (self.image_column, self.text_column):
             if column not in table.column_names:
                 raise DataError(f"{source} has no {column!r} column (columns: {table.column_names}).")
+        if len(table) == 0:
+            return []
         folder = I.data_dir(source, self.data_dir)
         texts = [str(t) for t in table[self.text_column]]
         pixels = [
