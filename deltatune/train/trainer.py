@@ -730,7 +730,9 @@ class Trainer:
                     self._eval_and_save()
         if self.eval_features and self._evaluated_at != self.pos.global_step:
             # the last steps were never scored (the run ended mid-epoch, or on the last step of an epoch, which
-            # leaves the epoch loop early): score them now, so the best checkpoint restored at the end can be them
+            # leaves the epoch loop early): score them now, so the best checkpoint restored at the end can be
+            # them; the adapter is on disk first, so an evaluation that fails never loses the training
+            self.save_model()
             self._eval_and_save()
         if progress is not None:
             progress.close()
