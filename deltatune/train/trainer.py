@@ -795,6 +795,8 @@ class Trainer:
     def _finish(self, wall_time: float) -> dict[str, Any]:
         c = self.config
         best_path = os.path.join(c.output_dir, BEST)
+        if self.world > 1:  # every rank reads the best weights rank 0 may just have written
+            dist.barrier()
         if (
             c.load_best_at_end and self.pos.best_metric is not None
         ):  # written by this run (or the one resumed)
