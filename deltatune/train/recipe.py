@@ -947,7 +947,8 @@ def merge_run(adapter_dir: str, output: str) -> dict[str, Any]:
     model, task, _ = load_run(adapter_dir)
     merged = model.merge_and_unload()
     if not hasattr(merged, "save_pretrained"):
-        if type(task).wrap_model is not Task.wrap_model:  # e.g. rec's TextTower: an encoder plus its own modules
+        # a module the task built around the base (rec's TextTower: an encoder plus its own modules)
+        if type(task).wrap_model is not Task.wrap_model:
             raise MergeError(
                 f"Task {task.name!r} wraps the base model in a {type(merged).__name__}, which is no transformers "
                 "model to save; use the run folder itself (deltatune predict / serve)."
