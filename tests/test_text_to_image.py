@@ -143,3 +143,25 @@ def test_text_to_image_recipe_learns_saves_for_diffusers_and_predicts(pipeline_d
     answer = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), "--file", str(request)])
     assert answer.exit_code == 0, answer.output
     assert Image.open(tmp_path / "out.png").size == (16, 16)
+    # served: /v1/generate-image draws the same picture; adapter null draws the base pipeline's
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from deltatune.apps.serve import ServeSettings, build_engine, create_app
+
+    engine = build_engine(None, {"squares": str(tmp_path / "run")}, "text-to-image")
+    with TestClient(create_app(engine, ServeSettings())) as client:
+        served = {}
+        for name in ("squares", None):
+            reply = client.post(
+                "/v1/generate-image", json={"adapter": name, "inputs": [{"prompt": PROMPT, "seed": 1}]}
+            )
+            assert reply.status_code == 200, reply.text
+            data = base64.b64decode(reply.json()["results"][0]["image_png_base64"])
+            served[name] = pixels([Image.open(io.BytesIO(data)).convert("RGB")])
+        too_long = {"adapter": "squares", "inputs": [{"prompt": PROMPT, "num_inference_steps": 10**6}]}
+        assert client.post("/v1/generate-image", json=too_long).status_code == 400
+    assert np.array_equal(served["squares"], pixels([Image.open(tmp_path / "out.png").convert("RGB")]))
+    assert not np.array_equal(served["squares"], served[None])

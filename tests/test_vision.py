@@ -1,12 +1,15 @@
 """Vision beyond transformers: LoRA/IA3/BitFit on CNN convolutions (checked against peft), detection and
 segmentation recipes end to end on tiny backbones and synthetic scenes, and their metrics against hand counts."""
 
+import io
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -196,13 +199,18 @@ def _base_buffers(model):
     }
 
 
-def test_detection_recipe_trains_saves_reloads_and_draws(scenes, tmp_path):
-    raw = recipe(tmp_path, "detection", train_file=str(scenes / "coco.json"), max_steps=8, eval_every=0)
-    result = train_from_recipe(raw)
-    metrics = result["metrics"]
+@pytest.fixture(scope="module")
+def detection_run(scenes, tmp_path_factory):
+    """A detection run trained for 8 steps: (its folder, its metrics)."""
+    root = tmp_path_factory.mktemp("detection")
+    raw = recipe(root, "detection", train_file=str(scenes / "coco.json"), max_steps=8, eval_every=0)
+    return root / "run-detection", train_from_recipe(raw)["metrics"]
+
+
+def test_detection_recipe_trains_saves_reloads_and_draws(scenes, detection_run, tmp_path):
+    run, metrics = detection_run
     assert {"eval_map", "eval_map_50", "eval_recall@100", "eval_mar_100"} <= set(metrics)
     assert 0.0 <= metrics["eval_recall@100"] <= 1.0
-    run = tmp_path / "run-detection"
     config = json.loads((run / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["fpn", "head"] and all("body" in t for t in config["target_modules"])
     # the folder alone (adapter + heads; batch-norm statistics never moved) gives the trained model's scores
@@ -227,6 +235,96 @@ def test_detection_recipe_trains_saves_reloads_and_draws(scenes, tmp_path):
     )
     assert Image.open(out[0]["output"]).size == (64, 64) and out[0]["image_png_base64"]
     assert all(d["label"] in ("red", "blue") and len(d["box"]) == 4 for d in out[0]["detections"])
+
+
+def test_detection_reads_coco_jsonl_and_csv_rows_alike(scenes, tmp_path):
+    import csv
+
+    from deltatune.train.data import load_table
+    from deltatune.train.recipe import check_labels, fit_labels, split_recipe
+    from deltatune.train.tasks import DetectionTask
+
+    coco = json.loads((scenes / "coco.json").read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    rows = {
+        i["id"]: {"image": str(scenes / i["file_name"]), "boxes": [], "labels": []} for i in coco["images"]
+    }
+    for ann in coco["annotations"]:  # COCO's [x, y, width, height] as [x1, y1, x2, y2]
+        x, y, w, h = ann["bbox"]
+        rows[ann["image_id"]]["boxes"].append([x, y, x + w, y + h])
+        rows[ann["image_id"]]["labels"].append(names[ann["category_id"]])
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    with open(tmp_path / "rows.csv", "w", newline="") as fh:  # list cells as JSON text
+        writer = csv.writer(fh)
+        writer.writerow(["image", "boxes", "labels"])
+        writer.writerows([r["image"], json.dumps(r["boxes"]), json.dumps(r["labels"])] for r in rows.values())
+    raw = recipe(tmp_path, "detection", train_file=str(tmp_path / "rows.csv"), label_column="labels")
+    run = split_recipe(raw)[0]
+    tables = {
+        n: load_table(str(scenes / "coco.json" if n == "train" else tmp_path / f"rows.{n}"))
+        for n in ("train", "jsonl", "csv")
+    }
+    labels = fit_labels(run, tables["csv"])
+    assert labels.names == fit_labels(run, tables["train"]).names == ["blue", "red"]
+    check_labels(run, labels, tables, {n: n for n in tables})  # CSV label cells are lists of names too
+    task = DetectionTask(labels, image_size=64)
+    features = {n: task.prepare(t, str(tmp_path / "x")) for n, t in tables.items()}
+    for key in ("pixels", "boxes", "labels"):
+        for name in ("jsonl", "csv"):
+            assert all(
+                torch.equal(a[key], b[key]) for a, b in zip(features["train"], features[name], strict=True)
+            )
+    (tmp_path / "bad.csv").write_text("image,boxes,labels\n" + f"{rows[0]['image']},10 20 30 40,red\n")
+    with pytest.raises(DataError, match="boxes must be a JSON list"):
+        task.prepare(load_table(str(tmp_path / "bad.csv")), "bad.csv")
+
+
+def test_server_shares_one_backbone_between_detection_runs(scenes, detection_run, tmp_path):
+    """Two runs as adapters on one backbone answer /v1/detect exactly as each run alone answers `predict`."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from deltatune.apps.serve import ServeSettings, build_engine, create_app
+
+    first, _ = detection_run
+    raw = recipe(tmp_path, "detection", train_file=str(scenes / "coco.json"), max_steps=2, seed=1, lr=2e-2)
+    train_from_recipe(raw)
+    second = tmp_path / "run-detection"
+    image = "data:image/png;base64," + base64.b64encode((scenes / "img" / "5.png").read_bytes()).decode()
+    rows = [{"image": image, "min_score": 0.0}]
+    alone = {}
+    for name, folder in (("a", first), ("b", second)):
+        model, task, _ = load_run(str(folder))
+        alone[name] = task.predict(model, rows)
+    assert alone["a"] != alone["b"]  # so answering with the wrong run's adapter or heads would be caught
+    engine = build_engine(None, {"a": str(first), "b": str(second)}, "detection")
+    assert len({id(t) for t in engine.tasks.values()}) == 2 and engine.model.peft_config.keys() == {"a", "b"}
+    with TestClient(create_app(engine, ServeSettings())) as client:
+        for name in ("b", "a", "b"):
+            answer = client.post("/v1/detect", json={"adapter": name, "inputs": rows})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["results"] == alone[name]
+        drawn = client.post(
+            "/v1/detect", json={"adapter": "a", "inputs": [{**rows[0], "return_image": True}]}
+        )
+        assert Image.open(
+            io.BytesIO(base64.b64decode(drawn.json()["results"][0]["image_png_base64"]))
+        ).size == (64, 64)
+        refused = {
+            "a path": {"adapter": "a", "inputs": [{"image": str(scenes / "img" / "5.png")}]},
+            "a file to write": {"adapter": "a", "inputs": [{**rows[0], "output": str(tmp_path / "x.png")}]},
+            "no adapter": {"adapter": None, "inputs": rows},
+        }
+        for why, body in refused.items():
+            assert client.post("/v1/detect", json=body).status_code == 400, why
+        assert client.post("/v1/segment", json={"adapter": "a", "inputs": rows}).status_code == 400
+    other = tmp_path / "other"  # the same run, as if trained on larger images: another backbone input
+    shutil.copytree(second, other)
+    config = yaml.safe_load((other / "run_config.yaml").read_text())
+    (other / "run_config.yaml").write_text(yaml.safe_dump({**config, "image_size": 96}))
+    with pytest.raises(CheckpointError, match="image_size"):
+        engine.load("c", str(other))
 
 
 def test_adapting_never_moves_base_batch_norm_statistics(scenes, tmp_path):

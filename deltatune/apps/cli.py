@@ -330,7 +330,9 @@ def bench(
 @guarded
 def serve(
     model: str = typer.Option(
-        None, "--model", help="Base model: folder, hub name, .gguf or packaged alias (not for --task rec)."
+        None,
+        "--model",
+        help="Base model: folder, hub name, .gguf or packaged alias (not for rec or vision runs).",
     ),
     adapter: list[str] | None = typer.Option(  # noqa: B008 - a list option (typer reads its default here)
         None, "--adapter", help="NAME=DIR, repeatable (trusted: any folder)."
@@ -339,9 +341,10 @@ def serve(
     port: int = typer.Option(8000),
     task: str = typer.Option(
         None,
-        help="seq-cls (POST /v1/classify), causal-lm (POST /v1/generate) or rec (POST /v1/recommend; each "
-        "--adapter is an output_dir of `deltatune train` with task: rec); default: from the adapters' "
-        "task_type, else the model's architecture.",
+        help="seq-cls (POST /v1/classify), causal-lm (POST /v1/generate), rec (POST /v1/recommend), image-cls, "
+        "detection, segmentation, text-to-image (POST /v1/classify-image, /v1/detect, /v1/segment, "
+        "/v1/generate-image); for rec and the vision tasks each --adapter is an output_dir of `deltatune train` and "
+        "--model is left out. Default: from the adapters' runs or task_type, else the model's architecture.",
     ),
     admin_token: str = typer.Option(
         None, envvar="DELTATUNE_ADMIN_TOKEN", help="Bearer token for load/unload (unset: admin off)."

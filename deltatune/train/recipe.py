@@ -744,7 +744,7 @@ def check_labels(
         if name == "train" or run.label_column not in table.column_names:
             continue
         for value in table[run.label_column]:
-            for item in value if isinstance(value, list) else [value]:  # token tags, box labels
+            for item in TASKS[run.task].label_items(value):  # token tags, box labels
                 labels.encode(item, sources[name])
 
 
@@ -911,10 +911,8 @@ def write_run_files(raw: dict[str, Any], run: RunConfig, report: dict[str, Any],
         yaml.safe_dump(resolved, fh, sort_keys=False)
 
 
-def load_run(adapter_dir: str):
-    """(peft model, task, run config) from a folder `deltatune train` wrote."""
-    from deltatune.model import PeftModel
-
+def read_run(adapter_dir: str) -> RunConfig:
+    """The run config of a folder `deltatune train` wrote."""
     path = os.path.join(adapter_dir, RUN_CONFIG)
     if not os.path.isfile(path):
         raise RecipeError(
@@ -922,7 +920,14 @@ def load_run(adapter_dir: str):
         )
     with open(path) as fh:
         raw = yaml.safe_load(fh)
-    run, _, _ = split_recipe(raw)
+    return split_recipe(raw)[0]
+
+
+def load_run(adapter_dir: str):
+    """(peft model, task, run config) from a folder `deltatune train` wrote."""
+    from deltatune.model import PeftModel
+
+    run = read_run(adapter_dir)
     labels = LabelMap(run.labels) if run.labels else None
     base, tokenizer = load_base(run, labels)
     task = build_task(run, tokenizer, labels)

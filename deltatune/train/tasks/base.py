@@ -129,6 +129,11 @@ class Task:
         return None
 
     @classmethod
+    def label_items(cls, value: Any) -> list[Any]:
+        """The labels one cell of the label column holds (a list for token tags)."""
+        return value if isinstance(value, list) else [value]
+
+    @classmethod
     def row_columns(cls, run: Any) -> tuple[list[str], str | None]:
         """The columns that make a row's input (two rows with the same input are copies, and one in both train
         and eval is a leak) and its answer (None: no answer to compare)."""

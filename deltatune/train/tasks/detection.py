@@ -9,6 +9,7 @@ with the adapter as `modules_to_save`. Metrics are COCO's (mAP, mAP@50, recall@1
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,26 @@ from deltatune.train import images as I
 from deltatune.train import metrics as M
 from deltatune.train.data import DataError, LabelMap
 from deltatune.train.tasks.base import StepOutput, Task, _batches, _device_of, evaluating, to_device
+
+EXAMPLES = {"boxes": "[[10, 20, 50, 60]]", "labels": '["cat"]'}
+
+
+def listed(value: Any, column: str, where: str) -> list[Any]:
+    """A row's `boxes` or `labels`: a list, or its JSON text (a CSV cell holds `[[x1, y1, x2, y2], ...]` and
+    `["cat", "dog"]`); nothing means no objects."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            example = EXAMPLES[column]
+            raise DataError(
+                f"{where}: {column} must be a JSON list, e.g. {example}; got {value[:60]!r}."
+            ) from err
+    if not isinstance(value, list):
+        raise DataError(f"{where}: {column} must be a list, got {type(value).__name__}.")
+    return value
 
 
 class DetectionTask(Task):
@@ -36,7 +57,11 @@ class DetectionTask(Task):
 
     @classmethod
     def fit_labels(cls, run: Any, table) -> LabelMap:
-        return LabelMap.from_values([label for row in table[run.label_column] for label in row])
+        return LabelMap.from_values([x for v in table[run.label_column] for x in cls.label_items(v)])
+
+    @classmethod
+    def label_items(cls, value: Any) -> list[Any]:
+        return listed(value, "labels", "the data")
 
     @classmethod
     def row_columns(cls, run: Any) -> tuple[list[str], str | None]:
@@ -72,9 +97,15 @@ class DetectionTask(Task):
 
     # --- data -----------------------------------------------------------------------------------
     def _boxes(self, row: dict[str, Any], size: tuple[int, int], where: str) -> torch.Tensor:
-        boxes = torch.tensor(row.get("boxes") or [], dtype=torch.float32).reshape(-1, 4)
-        if len(boxes) != len(row.get("labels") or []):
-            raise DataError(f"{where}: {len(boxes)} boxes but {len(row.get('labels') or [])} labels.")
+        given, labels = listed(row.get("boxes"), "boxes", where), listed(row.get("labels"), "labels", where)
+        try:
+            boxes = torch.tensor(given, dtype=torch.float32).reshape(-1, 4)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DataError(
+                f"{where}: boxes must be [[x1, y1, x2, y2], ...] in pixels, got {given!r:.80}."
+            ) from err
+        if len(boxes) != len(labels):
+            raise DataError(f"{where}: {len(boxes)} boxes but {len(labels)} labels.")
         if len(boxes) and not bool(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()):
             raise DataError(f"{where}: every box must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1.")
         width, height = size
@@ -84,7 +115,7 @@ class DetectionTask(Task):
         if self.image_column not in table.column_names:
             raise DataError(f"{source} has no {self.image_column!r} column (columns: {table.column_names}).")
         if self.labels is None:
-            self.labels = LabelMap.from_values([x for row in table["labels"] for x in row])
+            self.labels = LabelMap.from_values([x for v in table["labels"] for x in self.label_items(v)])
         folder, features = I.data_dir(source, self.data_dir), []
         for i, row in enumerate(table):
             image = I.open_image(row[self.image_column], folder, self.read_files)
@@ -94,7 +125,8 @@ class DetectionTask(Task):
                     "pixels": I.to_tensor(image, self.image_size),
                     "boxes": self._boxes(row, image.size, where),
                     "labels": torch.tensor(
-                        [self.labels.encode(x, source) for x in row["labels"]], dtype=torch.long
+                        [self.labels.encode(x, source) for x in listed(row["labels"], "labels", where)],
+                        dtype=torch.long,
                     ),
                 }
             )
