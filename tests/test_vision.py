@@ -107,7 +107,7 @@ def test_lora_and_ia3_on_cnn_convolutions_match_peft(tmp_path):
     peft = pytest.importorskip("peft")
     x = torch.rand(2, 3, 32, 32)
     model, head = tiny_classifier()
-    targets = V.conv_targets(model)
+    targets = V.backbone_targets(model, skip=(head,))
     assert targets and all(model.get_submodule(t).groups == 1 for t in targets)  # depthwise convs left out
     for ours_cfg, theirs_cfg in (
         (dt.LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=[head]),
@@ -136,6 +136,32 @@ def test_lora_and_ia3_on_cnn_convolutions_match_peft(tmp_path):
             for p in dt.get_peft_model(tiny_classifier()[0], ours_cfg).parameters()
             if p.requires_grad
         )
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:efficientnet_lite0", "timm:convnext_atto"])
+def test_lora_on_torchvision_and_timm_cnns_matches_peft(name, tmp_path):
+    """The default targets of other CNN families (random weights, built under a fixed seed): a saved LoRA gives
+    peft the same outputs."""
+    peft = pytest.importorskip("peft")
+    model, head = V.build_classifier(name, 3)
+    targets = V.backbone_targets(model, skip=(head,))
+    assert targets and head not in targets
+    ours = dt.get_peft_model(
+        model, dt.LoraConfig(r=2, lora_alpha=4, target_modules=targets, modules_to_save=[head])
+    ).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(V.build_classifier(name, 3)[0], tmp_path).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ours(x)
+        with ours.disable_adapter():
+            assert not torch.allclose(ours(x), expected, atol=1e-4)  # the adapter does change the output
+        torch.testing.assert_close(theirs(x), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_bitfit_on_a_cnn_trains_its_norm_biases():
@@ -338,7 +364,7 @@ def test_adapting_never_moves_base_batch_norm_statistics(scenes, tmp_path):
     model = dt.get_peft_model(
         model,
         dt.LoraConfig(
-            r=2, target_modules=V.conv_targets(model, "backbone.body"), modules_to_save=["fpn", "head"]
+            r=2, target_modules=V.backbone_targets(model, "backbone.body"), modules_to_save=["fpn", "head"]
         ),
     )
     before = _base_buffers(model)

@@ -219,17 +219,20 @@ def build_segmenter(
         return LRASPP(FeatureMaps(body, ["low", None, "high"]), channels[0], channels[2], num_classes, width)
 
 
-def conv_targets(model: nn.Module, under: str = "") -> list[str]:
-    """Names of the convolutions LoRA and IA3 adapt by default: every ungrouped, undilated Conv2d under `under`
-    (depthwise convolutions have a handful of weights per channel; they stay frozen)."""
+def backbone_targets(model: nn.Module, under: str = "", skip: tuple[str, ...] = ()) -> list[str]:
+    """Names of the layers LoRA and IA3 adapt by default in a CNN: every ungrouped, undilated Conv2d and every
+    Linear under `under`, but not those under `skip` (fresh heads). Depthwise convolutions have a handful of
+    weights per channel, so they stay frozen; ConvNeXt's and VGG's linear layers hold most of their weights."""
     prefix = under + "." if under else ""
     return [
         n
         for n, m in model.named_modules()
         if n.startswith(prefix)
-        and isinstance(m, nn.Conv2d)
-        and m.groups == 1
-        and all(d == 1 for d in m.dilation)
+        and not any(n == s or n.startswith(s + ".") for s in skip)
+        and (
+            isinstance(m, nn.Linear)
+            or (isinstance(m, nn.Conv2d) and m.groups == 1 and all(d == 1 for d in m.dilation))
+        )
     ]
 
 

@@ -3,7 +3,7 @@
 Data: COCO JSON (read by `deltatune.train.data`), or CSV/JSONL rows of `image` (path or base64), `boxes`
 ([[x1, y1, x2, y2], ...] in pixels) and `labels` (a class name per box). The model is torchvision's FCOS over a
 feature pyramid on a torchvision/timm backbone (`deltatune.integrations.vision.build_detector`); by default LoRA
-and IA3 adapt every ungrouped convolution of the backbone, and the pyramid and head (fresh) train in full, saved
+and IA3 adapt every ungrouped convolution (and linear layer) of the backbone, and the pyramid and head (fresh) train in full, saved
 with the adapter as `modules_to_save`. Metrics are COCO's (mAP, mAP@50, recall@100) through torchmetrics.
 """
 
@@ -75,9 +75,9 @@ class DetectionTask(Task):
         return model, None
 
     def default_targets(self, model: nn.Module) -> list[str]:
-        from deltatune.integrations.vision import conv_targets
+        from deltatune.integrations.vision import backbone_targets
 
-        return conv_targets(model, "backbone.body")
+        return backbone_targets(model, "backbone.body")
 
     def modules_to_save(self, model: nn.Module) -> list[str]:
         return ["fpn", "head"]  # fresh: trained in full

@@ -2,7 +2,7 @@
 
 From a recipe, `model` is either a transformers model (ViT, ...) or a CNN named `torchvision:<arch>` /
 `timm:<arch>` with pretrained `weights` (safetensors); the CNN's last linear layer is sized for the labels and
-trains in full (`modules_to_save`), and LoRA/IA3 adapt its ungrouped convolutions by default. Batch-norm statistics
+trains in full (`modules_to_save`), and LoRA/IA3 adapt its ungrouped convolutions and other linear layers by default. Batch-norm statistics
 stay the pretrained ones while adapting (see `deltatune.integrations.vision.freeze_norm_statistics`).
 """
 
@@ -92,9 +92,11 @@ class ImageClassificationTask(Task):
         return model, ImageTransform(run.image_size or 224)
 
     def default_targets(self, model: nn.Module) -> list[str] | None:
-        from deltatune.integrations.vision import conv_targets
+        from deltatune.integrations.vision import backbone_targets
 
-        return conv_targets(model) or None  # a CNN: its convolutions, not its (few) linear layers
+        if hasattr(model, "config"):  # a transformers model: the method's default (every linear layer)
+            return None
+        return backbone_targets(model, skip=tuple(self.modules_to_save(model)))  # a CNN: convolutions too
 
     def modules_to_save(self, model: nn.Module) -> list[str]:
         from deltatune.integrations.vision import last_linear_name

@@ -4,7 +4,7 @@ Data: CSV/JSONL rows of `image` and `mask` (paths; relative ones are taken from 
 value 255 means "no label" and counts nowhere. Class names come from the recipe's `labels` (index order); without
 them the classes are the indices found in the training masks. The model is torchvision's LR-ASPP head on a
 torchvision/timm backbone (`deltatune.integrations.vision.build_segmenter`): by default LoRA and IA3 adapt the
-backbone's ungrouped convolutions and the head (`classifier`, fresh) trains in full. Metrics: pixel accuracy,
+backbone's ungrouped convolutions (and linear layers) and the head (`classifier`, fresh) trains in full. Metrics: pixel accuracy,
 mean IoU and IoU per class; `predict` writes coloured masks.
 """
 
@@ -63,9 +63,9 @@ class SegmentationTask(Task):
         return build_segmenter(run.model, len(labels), run.weights, run.model_options), None
 
     def default_targets(self, model: nn.Module) -> list[str]:
-        from deltatune.integrations.vision import conv_targets
+        from deltatune.integrations.vision import backbone_targets
 
-        return conv_targets(model, "backbone.body")
+        return backbone_targets(model, "backbone.body")
 
     def modules_to_save(self, model: nn.Module) -> list[str]:
         return ["classifier"]  # the LR-ASPP head starts fresh
