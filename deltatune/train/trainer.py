@@ -742,9 +742,7 @@ class Trainer:
         """Write the trained model (a PeftModel: its adapter) to output_dir, if it can save itself."""
         if self.is_main and hasattr(self.unwrapped, "save_pretrained"):
             self.unwrapped.save_pretrained(self.config.output_dir)
-            self.task.on_save(
-                self.unwrapped, self.config.output_dir
-            )  # a task's extra files (diffusers' LoRA)
+            self.task.on_save(self.unwrapped, self.config.output_dir)  # extra files (diffusers' LoRA)
 
     @torch.no_grad()
     def eta_report(self) -> str:
