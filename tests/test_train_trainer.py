@@ -82,6 +82,16 @@ def test_loss_goes_down_and_outputs_are_written(tmp_path):
     assert saved["peak_memory_mb"] > 0 and saved["wall_time_s"] > 0 and "eval_loss" in saved["final"]
 
 
+def test_the_last_epoch_is_scored_before_the_best_weights_are_restored(tmp_path):
+    """Epoch-end evaluation (eval_every=0) scores every epoch, the last one included; otherwise the best weights
+    restored at the end would always be an earlier epoch's and the last epoch's training would be thrown away."""
+    data = mlp_data(48)
+    model = lora_mlp()
+    Trainer(model, CustomTask(mlp_loss), data, data[:16], config(tmp_path, epochs=2, lr=3e-2)).train()
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["step"] for r in log if "eval_loss" in r] == [6, 12]
+
+
 def test_grad_accumulation_equals_the_big_batch(tmp_path):
     """2 micro-batches of 4 (mean loss over equal halves) give the same update as one batch of 8."""
     data = mlp_data(32)

@@ -191,8 +191,8 @@ def merge(
     adapter: str = typer.Argument(..., help="An output_dir written by `deltatune train`."),
     output: str = typer.Argument(..., help="Folder for the merged model (loads with transformers)."),
 ):
-    """Fold the adapter into the base weights and save a plain transformers model with its tokenizer; what was
-    written is reloaded and checked tensor by tensor."""
+    """Fold the adapter into the base weights and save a plain transformers model with its tokenizer (a
+    torchvision/timm model: model.safetensors, its state dict); what was written is reloaded and checked."""
     from deltatune.train.recipe import merge_run
 
     result = merge_run(adapter, output)
@@ -331,7 +331,9 @@ def bench(
 @guarded
 def serve(
     model: str = typer.Option(
-        None, "--model", help="Base model: folder, hub name, .gguf or packaged alias (not for --task rec)."
+        None,
+        "--model",
+        help="Base model: folder, hub name, .gguf or packaged alias (not for rec or vision runs).",
     ),
     adapter: list[str] | None = typer.Option(  # noqa: B008 - a list option (typer reads its default here)
         None, "--adapter", help="NAME=DIR, repeatable (trusted: any folder)."
@@ -340,9 +342,10 @@ def serve(
     port: int = typer.Option(8000),
     task: str = typer.Option(
         None,
-        help="seq-cls (POST /v1/classify), causal-lm (POST /v1/generate) or rec (POST /v1/recommend; each "
-        "--adapter is an output_dir of `deltatune train` with task: rec); default: from the adapters' "
-        "task_type, else the model's architecture.",
+        help="seq-cls (POST /v1/classify), causal-lm (POST /v1/generate), rec (POST /v1/recommend), image-cls, "
+        "detection, segmentation, text-to-image (POST /v1/classify-image, /v1/detect, /v1/segment, "
+        "/v1/generate-image); for rec and the vision tasks each --adapter is an output_dir of `deltatune train` and "
+        "--model is left out. Default: from the adapters' runs or task_type, else the model's architecture.",
     ),
     admin_token: str = typer.Option(
         None, envvar="DELTATUNE_ADMIN_TOKEN", help="Bearer token for load/unload (unset: admin off)."

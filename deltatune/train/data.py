@@ -73,7 +73,9 @@ def read_json_rows(path: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     try:
-        data = json.loads(text)  # one JSON document: a list of rows, {"data": [...]} or a single row
+        data = json.loads(text)  # one JSON document: a list of rows, {"data": [...]}, COCO, or a single row
+        if isinstance(data, dict) and "images" in data and "annotations" in data:
+            return coco_rows(data, os.path.dirname(os.path.abspath(path)))
         rows = (
             data if isinstance(data, list) else data.get("data", [data]) if isinstance(data, dict) else [data]
         )
@@ -82,6 +84,30 @@ def read_json_rows(path: str) -> list[dict[str, Any]]:
     if not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{path}: every row must be a JSON object with named fields.")
     return rows
+
+
+def coco_rows(data: dict[str, Any], folder: str) -> list[dict[str, Any]]:
+    """A COCO detection file as one row per image: `image` (path, relative ones taken from the JSON's folder),
+    `boxes` ([x1, y1, x2, y2] in pixels) and `labels` (category names). Crowd regions (iscrowd=1) are left out,
+    as detectors' training code does."""
+    try:
+        names = {c["id"]: str(c["name"]) for c in data.get("categories", [])}
+        rows = {
+            img["id"]: {"image": os.path.join(folder, img["file_name"]), "boxes": [], "labels": []}
+            for img in data["images"]
+        }
+        for ann in data["annotations"]:
+            if ann.get("iscrowd", 0):
+                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            row = rows[ann["image_id"]]
+            row["boxes"].append([x, y, x + w, y + h])
+            row["labels"].append(names.get(ann["category_id"], str(ann["category_id"])))
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(
+            f"Not a valid COCO detection file (images/annotations/categories): missing or bad {err}."
+        ) from err
+    return list(rows.values())
 
 
 def require_columns(table, columns: dict[str, str | None], source: str) -> None:

@@ -98,3 +98,61 @@ def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> 
         "bleu": float(sacrebleu.corpus_bleu(preds, [refs]).score),
         "chrf": float(sacrebleu.corpus_chrf(preds, [refs]).score),
     }
+
+
+def detection_scores(
+    predictions: Sequence[dict[str, Any]], references: Sequence[dict[str, Any]], label_names: Sequence[str]
+) -> dict[str, Any]:
+    """COCO box metrics through torchmetrics (pycocotools backend): mAP (IoU 0.50:0.95), mAP@50, mAP@75, mAR@100
+    (recall averaged over IoU 0.50:0.95) and recall@100 — the share of objects found (IoU >= 0.5, right class)
+    among each image's top 100 detections, averaged over classes as COCO averages recall — plus AP per class.
+
+    Each prediction holds `boxes` (xyxy pixels), `scores` and `labels` (class ids); each reference `boxes`, `labels`.
+    """
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=True
+    )
+    metric.update(
+        [{k: p[k].detach().cpu() for k in ("boxes", "scores", "labels")} for p in predictions],
+        [{k: r[k].detach().cpu() for k in ("boxes", "labels")} for r in references],
+    )
+    out = metric.compute()
+    recall = out["recall"][0, :, 0, -1]  # IoU 0.50, every class, all areas, 100 detections
+    found = recall[recall > -1]
+    classes = out["classes"].reshape(-1).tolist()
+    per_class = out["map_per_class"].reshape(-1).tolist()
+    return {
+        "map": float(out["map"]),
+        "map_50": float(out["map_50"]),
+        "map_75": float(out["map_75"]),
+        "mar_100": float(out["mar_100"]),
+        "recall@100": float(found.mean()) if len(found) else 0.0,
+        "ap_per_class": {label_names[c]: float(v) for c, v in zip(classes, per_class) if v > -1},
+    }
+
+
+def segmentation_scores(
+    predictions: Sequence[Any], references: Sequence[Any], label_names: Sequence[str], ignore_index: int = 255
+) -> dict[str, Any]:
+    """Pixel accuracy, mean IoU and IoU per class from one confusion matrix over every pixel (torchmetrics).
+    Pixels labelled `ignore_index` count nowhere; a class absent from both prediction and reference has no IoU
+    and is left out of the mean."""
+    import torch
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    metric = MulticlassConfusionMatrix(num_classes=len(label_names), ignore_index=ignore_index)
+    for pred, ref in zip(predictions, references):
+        metric.update(pred.reshape(-1).cpu(), ref.reshape(-1).cpu())
+    confusion = metric.compute().double()  # rows: reference class, columns: predicted class
+    hits = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - hits
+    present = union > 0
+    iou = torch.where(present, hits / union.clamp_min(1), torch.zeros_like(hits))
+    total = confusion.sum()
+    return {
+        "pixel_accuracy": float(hits.sum() / total) if total > 0 else 0.0,
+        "mean_iou": float(iou[present].mean()) if present.any() else 0.0,
+        "iou_per_class": {n: float(v) for n, v, p in zip(label_names, iou, present) if p},
+    }

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
 from deltatune import registry
 from deltatune.config import check_fields
@@ -106,6 +107,12 @@ class RunConfig:
     quantize: str | None = None  # nf4 | fp4 | int8: a quantized base (QLoRA); the `qlora` method implies nf4
     labels: list[str | int] | None = None  # written by a run: the label names, in class-id order
     rec: dict[str, Any] | None = None  # task: rec's options (deltatune/train/tasks/rec/options.py)
+    # vision: `model` is torchvision:<arch> / timm:<arch> (or a diffusers pipeline folder for text-to-image)
+    weights: str | None = None  # pretrained backbone weights (.safetensors) for a torchvision/timm model
+    model_options: dict[str, Any] = field(default_factory=dict)  # constructor options, e.g. {width_mult: 0.5}
+    image_size: int | None = None  # images are resized to image_size x image_size (default: the task's)
+    image_column: str | None = None  # default: image
+    num_inference_steps: int = 20  # text-to-image sampling steps
 
     def __post_init__(self) -> None:
         check_fields(self, "the recipe")
@@ -302,10 +309,10 @@ def load_recipe(path: str | None, overrides: list[str] | dict[str, Any] | None =
             "No model given: pass --model (a folder, a hub name, a .gguf file or a packaged alias) or put "
             "`model:` in a recipe file. See `deltatune train --help`."
         )
-    for key in ("model", "train_file", "eval_file", "test_file", "teacher"):
+    for key in ("model", "train_file", "eval_file", "test_file", "teacher", "weights"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise RecipeError(f"{key} must be a path or a name, got {raw[key]!r}.")
-    for key in ("train_file", "eval_file", "test_file", "teacher"):
+    for key in ("train_file", "eval_file", "test_file", "teacher", "weights"):
         raw[key] = resolve_path(raw.get(key), recipe_dir)
     for dotted in TASKS[raw.get("task", "seq-cls")].recipe_paths:
         section, key = dotted.split(".")
@@ -378,12 +385,18 @@ def make_peft_config(
     total_steps: int = 1,
     tokenizer: Any = None,
     task: Task | None = None,
+    model: nn.Module | None = None,
 ):
-    """The adapter config of a run; with the built `task`, its task type and the modules it trains in full."""
+    """The adapter config of a run; with the built `task` and the `model` it adapts (`task.wrap_model`'s result),
+    its task type, its default targets and the modules it trains in full."""
     peft_type, implied, config_cls = method_info(run.method)
     names = {f.name for f in dataclasses.fields(config_cls) if f.init}
     kwargs = {**implied, **options}
-    for key, value in registry.method_for(peft_type).recipe_defaults.items():
+    defaults = dict(registry.method_for(peft_type).recipe_defaults)
+    targets = task.default_targets(model) if task is not None and model is not None else None
+    if targets is not None and "target_modules" in defaults:  # e.g. a CNN's convolutions, not all-linear
+        defaults["target_modules"] = targets
+    for key, value in defaults.items():
         if key in names and kwargs.get(key) is None:
             kwargs[key] = value
     init = kwargs.get("prompt_tuning_init")
@@ -394,7 +407,7 @@ def make_peft_config(
         kwargs["total_step"] = total_steps
     if "task_type" in names:
         kwargs.setdefault("task_type", (task or TASKS[run.task]).task_type)
-    extra = task.modules_to_save() if task is not None else []
+    extra = task.modules_to_save(model) if task is not None and model is not None else []
     if extra:
         if "modules_to_save" not in names:
             raise RecipeError(
@@ -508,15 +521,18 @@ def row_keys(run: RunConfig, table) -> tuple[list[str], list[str]]:
         chats = [conversation(dict(zip(batch, values))) for values in zip(*batch.values())]
         inputs = [normalize_text(" ".join(str(m["content"]) for m in chat[:-1])) for chat in chats]
         return inputs, [normalize_text(chat[-1]["content"]) if chat else "" for chat in chats]
-    inputs = [normalize_text(t) for t in column(table, run.text_column)]
-    if run.text_pair_column:
-        inputs = [f"{a}\t{normalize_text(b)}" for a, b in zip(inputs, column(table, run.text_pair_column))]
+    columns, answer_column = TASKS[run.task].row_columns(run)  # image tasks: the image (and caption)
+    inputs = [normalize_text(t) for t in column(table, columns[0])]
+    for name in columns[1:]:
+        inputs = [f"{a}\t{normalize_text(b)}" for a, b in zip(inputs, column(table, name))]
+    if answer_column is None:
+        return inputs, [""] * len(inputs)
     answer = (
         (lambda v: normalize_text(v) if isinstance(v, list) else str(v))
         if has_classes(run)
         else normalize_text
     )
-    return inputs, [answer(v) for v in column(table, run.label_column)]
+    return inputs, [answer(v) for v in column(table, answer_column)]
 
 
 def _groups(run: RunConfig, table) -> list[str] | None:
@@ -547,7 +563,12 @@ def leak_free_splits(
     dropped["overlap_with_eval_test"] = 0
     held_out = [name for name in ("validation", "test") if name in tables]
     if not held_out:
-        stratified = classes and run.stratify and not isinstance(train[0][run.label_column], list)
+        stratified = (
+            classes
+            and run.stratify
+            and run.label_column is not None
+            and not isinstance(train[0][run.label_column], list)
+        )
         strata = answers if stratified else [""] * len(train)
         parts = grouped_split(connected_rows(inputs, groups), strata, run.split, seed)
         return {name: train.select(rows) for name, rows in parts.items()}, {
@@ -596,7 +617,7 @@ def data_report(
             groups = _groups(run, tables[name]) or [None] * len(inputs)
             overlap[name] = sum(1 for k, g in zip(inputs, groups) if k in train_inputs or g in train_groups)
     labels = {}
-    if has_classes(run):
+    if has_classes(run) and run.label_column:
         for name, table in tables.items():
             values = column(table, run.label_column)
             flat = [v for row in values for v in row] if values and isinstance(values[0], list) else values
@@ -723,7 +744,7 @@ def check_labels(
         if name == "train" or run.label_column not in table.column_names:
             continue
         for value in table[run.label_column]:
-            for item in value if run.task == "token-cls" else [value]:
+            for item in TASKS[run.task].label_items(value):  # token tags, box labels
                 labels.encode(item, sources[name])
 
 
@@ -740,6 +761,9 @@ def load_base(run: RunConfig, labels: LabelMap | None):
             "id2label": dict(enumerate(labels.names)),
             "label2id": {n: i for i, n in enumerate(labels.names)},
         }
+    built = TASKS[run.task].build_model(run, labels)
+    if built is not None:
+        return built
     dtype = getattr(torch, run.dtype) if run.dtype else None
     quantization = run.quantize or registry.resolve_variant(run.method)[1].quantize
     try:
@@ -797,14 +821,16 @@ def train_from_recipe(raw: dict[str, Any]) -> dict[str, Any]:
     if not features["train"]:
         raise DataError(f"{sources['train']}: no training rows left.")
     seed_everything(train_cfg.seed)  # the adapter's initial weights depend only on the seed
+    wrapped = task.wrap_model(model)
     peft_config = make_peft_config(
         run,
         options,
         planned_steps(train_cfg, len(features["train"]), int(os.environ.get("WORLD_SIZE", "1"))),
         tokenizer,
         task,
+        wrapped,
     )
-    peft_model = get_peft_model(task.wrap_model(model), peft_config)
+    peft_model = get_peft_model(wrapped, peft_config)
     teacher = load_teacher(run, labels)
     trainer = Trainer(
         peft_model,
@@ -885,10 +911,8 @@ def write_run_files(raw: dict[str, Any], run: RunConfig, report: dict[str, Any],
         yaml.safe_dump(resolved, fh, sort_keys=False)
 
 
-def load_run(adapter_dir: str):
-    """(peft model, task, run config) from a folder `deltatune train` wrote."""
-    from deltatune.model import PeftModel
-
+def read_run(adapter_dir: str) -> RunConfig:
+    """The run config of a folder `deltatune train` wrote."""
     path = os.path.join(adapter_dir, RUN_CONFIG)
     if not os.path.isfile(path):
         raise RecipeError(
@@ -896,7 +920,14 @@ def load_run(adapter_dir: str):
         )
     with open(path) as fh:
         raw = yaml.safe_load(fh)
-    run, _, _ = split_recipe(raw)
+    return split_recipe(raw)[0]
+
+
+def load_run(adapter_dir: str):
+    """(peft model, task, run config) from a folder `deltatune train` wrote."""
+    from deltatune.model import PeftModel
+
+    run = read_run(adapter_dir)
     labels = LabelMap(run.labels) if run.labels else None
     base, tokenizer = load_base(run, labels)
     task = build_task(run, tokenizer, labels)
@@ -920,16 +951,35 @@ def merge_run(adapter_dir: str, output: str) -> dict[str, Any]:
         raise MergeError(f"{output} is the run's own folder; write the merged model to another folder.")
     model, task, _ = load_run(adapter_dir)
     merged = model.merge_and_unload()
-    if not hasattr(merged, "save_pretrained"):  # e.g. rec's TextTower: an encoder plus the task's own modules
-        raise MergeError(
-            f"Task {task.name!r} wraps the base model in a {type(merged).__name__}, which is no transformers "
-            "model to save; use the run folder itself (deltatune predict / serve)."
-        )
+    if not hasattr(merged, "save_pretrained"):
+        # a module the task built around the base (rec's TextTower: an encoder plus its own modules)
+        if type(task).wrap_model is not Task.wrap_model:
+            raise MergeError(
+                f"Task {task.name!r} wraps the base model in a {type(merged).__name__}, which is no transformers "
+                "model to save; use the run folder itself (deltatune predict / serve)."
+            )
+        # a torchvision/timm model: its state dict
+        return {"output": os.path.abspath(output), "tensors_checked": save_state_dict(merged, output)}
     merged.save_pretrained(output)
     if task.tokenizer is not None:
         task.tokenizer.save_pretrained(output)
     checked = verify_saved_model(merged, output)
     return {"output": os.path.abspath(output), "tensors_checked": checked}
+
+
+def save_state_dict(model, folder: str) -> int:
+    """`folder`/model.safetensors: the model's state dict (what `load_state_dict` takes), reloaded and compared
+    bit for bit; returns how many tensors were checked."""
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.safetensors")
+    expected = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    save_file(expected, path)
+    found = load_file(path)
+    if set(found) != set(expected) or any(not torch.equal(found[k], v) for k, v in expected.items()):
+        raise MergeError(f"The weights saved to {path} do not reload as merged; write to an empty folder.")
+    return len(expected)
 
 
 def verify_saved_model(model, folder: str) -> int:

@@ -339,6 +339,7 @@ class Trainer:
         self.rank, self.world, self.local_rank = _distributed()
         self.device = self._pick_device()
         self.pos = _Position()
+        self._evaluated_at: int | None = None  # the step of the last evaluation
         self.history: list[dict[str, Any]] = []
         self.writer = None
         self.lengths = task.lengths(train_features)
@@ -670,6 +671,7 @@ class Trainer:
             self.pos.stopped_early = patience > 0 and self.pos.bad_evals >= patience
 
     def _eval_and_save(self) -> None:
+        self._evaluated_at = self.pos.global_step
         if self.eval_features:
             scores = self.evaluate()
             self.log({k: v for k, v in scores.items() if not isinstance(v, dict)} | {"epoch": self.pos.epoch})
@@ -727,6 +729,12 @@ class Trainer:
                 self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
                 if c.eval_every == 0:
                     self._eval_and_save()
+        if self.eval_features and self._evaluated_at != self.pos.global_step:
+            # the last steps were never scored (the run ended mid-epoch, or on the last step of an epoch, which
+            # leaves the epoch loop early): score them now, so the best checkpoint restored at the end can be
+            # them; the adapter is on disk first, so an evaluation that fails never loses the training
+            self.save_model()
+            self._eval_and_save()
         if progress is not None:
             progress.close()
         return self._finish(time.time() - start)
@@ -735,6 +743,7 @@ class Trainer:
         """Write the trained model (a PeftModel: its adapter) to output_dir, if it can save itself."""
         if self.is_main and hasattr(self.unwrapped, "save_pretrained"):
             self.unwrapped.save_pretrained(self.config.output_dir)
+            self.task.on_save(self.unwrapped, self.config.output_dir)  # extra files (diffusers' LoRA)
 
     @torch.no_grad()
     def eta_report(self) -> str:
@@ -785,6 +794,8 @@ class Trainer:
     def _finish(self, wall_time: float) -> dict[str, Any]:
         c = self.config
         best_path = os.path.join(c.output_dir, BEST)
+        if self.world > 1:  # every rank reads the best weights rank 0 may just have written
+            dist.barrier()
         if (
             c.load_best_at_end and self.pos.best_metric is not None
         ):  # written by this run (or the one resumed)

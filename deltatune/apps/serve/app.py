@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from deltatune.apps.serve.batching import AdapterError, Batcher, Engine
 from deltatune.apps.serve.recommend import RecommendEngine, RecommendRequest
+from deltatune.apps.serve.vision import VISION_ENDPOINTS, ImageRequest, VisionEngine, check_rows
 from deltatune.errors import DeltatuneError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -167,7 +168,9 @@ def resolve_under_root(root: str, path: str) -> str:
     return real
 
 
-def create_app(engine: Engine | RecommendEngine, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(
+    engine: Engine | RecommendEngine | VisionEngine, settings: ServeSettings | None = None
+) -> FastAPI:
     """The HTTP app around `engine`; all model work runs on one worker thread, in arrival-ordered batches."""
     settings = settings or ServeSettings()
     token = settings.admin_token or os.environ.get("DELTATUNE_ADMIN_TOKEN") or None
@@ -332,6 +335,51 @@ def create_app(engine: Engine | RecommendEngine, settings: ServeSettings | None 
 
         return await answer("recommend", req.adapter, work)
 
+    async def vision_answer(req: ImageRequest, task: str) -> dict[str, Any]:
+        """One vision endpoint: the rows of `deltatune predict` on the named run."""
+        endpoint = VISION_ENDPOINTS[task]
+
+        async def work():
+            need_task(task, f"/v1/{endpoint}")
+            try:
+                check_rows(req.inputs, settings.max_batch_size)
+            except DeltatuneError as err:
+                raise HTTPException(400, str(err)) from err
+            claim(req.adapter)
+            try:
+                results = await asyncio.get_running_loop().run_in_executor(
+                    executor, engine.predict, req.adapter, req.inputs
+                )
+            except (
+                DeltatuneError
+            ) as err:  # a bad image or prompt, a missing adapter name: the request's fault
+                raise HTTPException(400, str(err)) from err
+            finally:
+                release(req.adapter)
+            return {"adapter": req.adapter, "results": results}
+
+        return await answer(endpoint, req.adapter, work)
+
+    @app.post("/v1/classify-image")
+    async def classify_image(req: ImageRequest) -> dict[str, Any]:
+        """Label and class probabilities per image (an image-cls run)."""
+        return await vision_answer(req, "image-cls")
+
+    @app.post("/v1/detect")
+    async def detect(req: ImageRequest) -> dict[str, Any]:
+        """Boxes, labels and scores per image (a detection run); `return_image` adds the drawn boxes as PNG."""
+        return await vision_answer(req, "detection")
+
+    @app.post("/v1/segment")
+    async def segment(req: ImageRequest) -> dict[str, Any]:
+        """Class shares per image (a segmentation run); `return_image` adds the coloured mask as PNG."""
+        return await vision_answer(req, "segmentation")
+
+    @app.post("/v1/generate-image")
+    async def generate_image(req: ImageRequest) -> dict[str, Any]:
+        """One PNG (base64) per prompt and seed (a text-to-image run; adapter null: the base pipeline)."""
+        return await vision_answer(req, "text-to-image")
+
     @app.get("/v1/adapters")
     async def list_adapters() -> dict[str, Any]:
         return {
@@ -391,9 +439,9 @@ def create_app(engine: Engine | RecommendEngine, settings: ServeSettings | None 
 
 def build_engine(
     model: str | None, adapters: dict[str, str], task: str = "seq-cls"
-) -> Engine | RecommendEngine:
-    """Load the base model and the operator's adapters (trusted folders, named at start). Rec runs bring their
-    own base model (named in each run's config), so `model` must then be None."""
+) -> Engine | RecommendEngine | VisionEngine:
+    """Load the base model and the operator's adapters (trusted folders, named at start). Rec and vision runs
+    bring their own base model (named in each run's config), so `model` must then be None."""
     from deltatune.models import load_model_and_tokenizer
 
     if task == "rec":
@@ -405,6 +453,15 @@ def build_engine(
         for name, path in adapters.items():
             rec.load(name, path)
         return rec
+    if task in VISION_ENDPOINTS:
+        if model is not None:
+            raise ValueError(
+                f"task {task} serves whole runs, which name the base they share (run_config.yaml); drop --model."
+            )
+        vision = VisionEngine(task)
+        for name, path in adapters.items():
+            vision.load(name, path)
+        return vision
     if model is None:
         raise ValueError(f"task {task} needs --model: the base model the adapters share.")
 

@@ -4,13 +4,24 @@ Adding a task = a `Task` subclass in its own file (with `name`, `from_run` and, 
 + one line in `TASKS` + a recipe under recipes/.
 """
 
-from deltatune.train.tasks.base import StepOutput, Task, logits_of, model_inputs, real_token_logits, to_device
+from deltatune.train.tasks.base import (
+    StepOutput,
+    Task,
+    evaluating,
+    logits_of,
+    model_inputs,
+    real_token_logits,
+    to_device,
+)
 from deltatune.train.tasks.causal_lm import CausalLMTask
 from deltatune.train.tasks.classification import SequenceClassificationTask
 from deltatune.train.tasks.custom import CustomTask
+from deltatune.train.tasks.detection import DetectionTask
 from deltatune.train.tasks.image_classification import ImageClassificationTask, image_folder
 from deltatune.train.tasks.rec import RecTask
+from deltatune.train.tasks.segmentation import SegmentationTask
 from deltatune.train.tasks.seq2seq import Seq2SeqTask
+from deltatune.train.tasks.text_to_image import TextToImageTask
 from deltatune.train.tasks.token_classification import TokenClassificationTask
 
 # recipe name -> task class
@@ -22,6 +33,9 @@ TASKS: dict[str, type[Task]] = {
         CausalLMTask,
         Seq2SeqTask,
         ImageClassificationTask,
+        DetectionTask,
+        SegmentationTask,
+        TextToImageTask,
         RecTask,
         CustomTask,
     )
@@ -31,13 +45,17 @@ __all__ = [
     "TASKS",
     "CausalLMTask",
     "CustomTask",
+    "DetectionTask",
     "ImageClassificationTask",
     "RecTask",
+    "SegmentationTask",
     "Seq2SeqTask",
     "SequenceClassificationTask",
     "StepOutput",
     "Task",
+    "TextToImageTask",
     "TokenClassificationTask",
+    "evaluating",
     "image_folder",
     "logits_of",
     "model_inputs",

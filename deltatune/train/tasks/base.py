@@ -10,6 +10,7 @@ default and which labels it learns (`fit_labels`); `deltatune.train.tasks.TASKS`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,17 @@ def _device_of(model: nn.Module) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+@contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode inside the block (dropout off, batch norm on its running statistics), the old mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -106,9 +118,32 @@ class Task:
         """The module the adapter is added to (and loaded onto): the base model, or a module built around it."""
         return model
 
-    def modules_to_save(self) -> list[str]:
-        """Modules of `wrap_model`'s result that train in full beside the adapter and are saved with it."""
+    def modules_to_save(self, model: nn.Module) -> list[str]:
+        """Modules of `model` (`wrap_model`'s result) that train in full beside the adapter and are saved with it
+        (heads that start fresh)."""
         return []
+
+    def default_targets(self, model: nn.Module) -> list[str] | None:
+        """The modules of `model` an adapter targets when a recipe leaves `target_modules` out (for methods that
+        target modules by default, like LoRA and IA3); None: the method's default (every linear layer)."""
+        return None
+
+    @classmethod
+    def label_items(cls, value: Any) -> list[Any]:
+        """The labels one cell of the label column holds (a list for token tags)."""
+        return value if isinstance(value, list) else [value]
+
+    @classmethod
+    def row_columns(cls, run: Any) -> tuple[list[str], str | None]:
+        """The columns that make a row's input (two rows with the same input are copies, and one in both train
+        and eval is a leak) and its answer (None: no answer to compare)."""
+        return [c for c in (run.text_column, run.text_pair_column) if c], run.label_column
+
+    @classmethod
+    def build_model(cls, run: Any, labels: LabelMap | None) -> tuple[nn.Module, Any] | None:
+        """(model, processor) for a recipe, when this task builds its own model (vision backbones, diffusion
+        pipelines); None: a transformers model with the task's head is loaded from `run.model`."""
+        return None
 
     def __init__(self, tokenizer: Any = None, max_length: int = 256) -> None:
         self.tokenizer = tokenizer
@@ -141,6 +176,11 @@ class Task:
 
     def evaluate(self, model: nn.Module, features: Sequence[Any], batch_size: int) -> dict[str, Any]:
         return {"eval_loss": self.eval_loss(model, features, batch_size)}
+
+    def on_save(self, model: nn.Module, output_dir: str) -> None:
+        """Called after a run saves its adapter: a task may write extra files (text-to-image writes the LoRA in
+        diffusers' format too)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """What `eval` and `predict` need to rebuild this task (kept in the run's saved config)."""

@@ -100,7 +100,7 @@ class RankingTask(RecModelTask):
             raise DataError("rec.hybrid: no item has a training event, so there are no ids to learn.")
         return TextTower(model, rows)
 
-    def modules_to_save(self) -> list[str]:
+    def modules_to_save(self, model: nn.Module) -> list[str]:
         return [ID_EMBEDDINGS] if self.options.hybrid else []
 
     def rows_of(self, items: Sequence[int]) -> list[int]:
