@@ -111,6 +111,37 @@ def test_training_rows_found_in_the_eval_file_are_dropped_and_counted(root, tmp_
     assert "10 validation rows also occur in train" in output
 
 
+def test_group_column_keeps_each_group_in_one_split_through_a_recipe_run(root, tmp_path):
+    """30 users with 1-5 distinct texts each, one file, `group_column: user`: every user's rows land in one split,
+    in data_report.json and in the rows the run actually used; the report records the column and the seed."""
+    rng = random.Random(3)
+    texts = list(dict.fromkeys(text for text, _ in sentiment_rows(300, seed=5)))
+    rows, n = [], 0
+    for user in range(30):
+        for _ in range(rng.randint(1, 5)):
+            rows.append((texts[n], rng.randrange(2), f"user{user}"))
+            n += 1
+    write_csv(str(tmp_path / "grouped.csv"), rows, header=("text", "label", "user"))
+    args = ("--train_file", tmp_path / "grouped.csv", "--eval_file", "null", "--group_column", "user")
+    code, output = train(root, tmp_path / "run", *args, "--seed", "7")
+    assert code == 0, output
+    report = report_of(tmp_path / "run")
+    assert report["seed"] == 7 and "seed 7" in output
+    assert report["settings"]["group_column"] == "user"
+    assert report["rows_read"] == {"train": len(rows)} and sum(report["rows"].values()) == len(rows)
+
+    raw = load_recipe(str(tmp_path / "run" / "run_config.yaml"))
+    run, train_cfg, _ = split_recipe(raw)
+    assert train_cfg.seed == 7
+    tables, rebuilt = prepare_data(run, train_cfg.seed)
+    assert rebuilt == report
+    users = {name: set(table["user"]) for name, table in tables.items()}
+    assert {name: len(table) for name, table in tables.items()} == report["rows"]
+    assert all(users.values()) and set.union(*users.values()) == {f"user{u}" for u in range(30)}
+    for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert users[a].isdisjoint(users[b]), (a, b)
+
+
 # --- runs ----------------------------------------------------------------------------------------
 def test_a_folder_holding_another_run_is_refused_and_overwrite_starts_clean(root, tmp_path):
     """The observed failure: a second run without an eval set returned the first run's checkpoint-best."""
@@ -141,6 +172,14 @@ def test_every_file_is_checked_before_step_one(root, tmp_path):
     assert not (tmp_path / "run" / "log.jsonl").exists()  # refused before any training
 
 
+def test_an_eval_label_the_training_set_lacks_is_refused_before_step_one(root, tmp_path):
+    write_csv(str(tmp_path / "dev.csv"), [("good film", 1), ("meh film", 7)])
+    code, output = train(root, tmp_path / "run", "--eval_file", tmp_path / "dev.csv", "--save_every", "1")
+    assert code == 2 and "Label 7" in output and "not seen in the training data" in output
+    written = {p.name for p in (tmp_path / "run").iterdir()} if (tmp_path / "run").exists() else set()
+    assert not {n for n in written if n.startswith(("log.", "checkpoint", "adapter_", "metrics"))}, written
+
+
 def test_resume_refuses_a_changed_recipe_naming_each_change(root, tmp_path):
     code, output = train(root, tmp_path / "run", "--save_every", "1")
     assert code == 0, output
@@ -158,6 +197,33 @@ def test_resume_refuses_a_changed_recipe_naming_each_change(root, tmp_path):
     code, output = train(
         root, tmp_path / "run", "--resume", "--max_steps", "3"
     )  # its checkpoint's recipe now
+    assert code == 0, output
+
+
+def test_resume_refuses_a_changed_model_and_a_changed_data_file(root, tmp_path):
+    """The model and the data files shape the run as much as the recipe's numbers: a resume against another model
+    or an edited training file is refused, naming the field; the same content at another path still resumes."""
+    other_model = tiny_bert_folder(str(tmp_path / "other_model"), seed=1)
+    data = tmp_path / "train.csv"
+    data.write_bytes((root / "train.csv").read_bytes())
+    code, output = train(root, tmp_path / "run", "--train_file", data, "--save_every", "1")
+    assert code == 0, output
+    recipe_before = (tmp_path / "run" / "run_config.yaml").read_text()
+
+    code, output = train(root, tmp_path / "run", "--resume", "--train_file", data, "--model", other_model)
+    assert code == 2, output
+    assert f"model: '{root / 'model'}' -> '{other_model}'" in " ".join(output.split())
+
+    write_csv(str(data), sentiment_rows(120, seed=2)[:79] + [("an edited row", 1)])  # same size, one row changed
+    code, output = train(root, tmp_path / "run", "--resume", "--train_file", data)
+    assert code == 2, output
+    assert "data_sha256.train_file:" in output and "model:" not in output
+    assert (tmp_path / "run" / "run_config.yaml").read_text() == recipe_before  # the folder is untouched
+
+    copy = tmp_path / "elsewhere" / "same.csv"
+    copy.parent.mkdir()
+    copy.write_bytes((root / "train.csv").read_bytes())
+    code, output = train(root, tmp_path / "run", "--resume", "--train_file", copy)
     assert code == 0, output
 
 
