@@ -97,6 +97,11 @@ def run(recipe: str, out: str, overrides: list[str]) -> dict:
     return record
 
 
+def rounded(metrics: dict) -> dict[str, str]:
+    """The scores as the README and docs/rec.md print them: each JSON value rounded once, to 3 decimals."""
+    return {k: f"{v:.3f}" for k, v in metrics.items() if isinstance(v, float)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-only", action="store_true")
@@ -112,6 +117,7 @@ def main() -> None:
     if not args.data_only:
         record = run(args.recipe, args.out, overrides)
         print(json.dumps({k: v for k, v in record.items() if k != "metrics"}, indent=2))
+        print(" ".join(f"{k} {v}" for k, v in rounded(record["metrics"]).items()))
 
 
 if __name__ == "__main__":

@@ -214,7 +214,9 @@ def test_resume_refuses_a_changed_model_and_a_changed_data_file(root, tmp_path):
     assert code == 2, output
     assert f"model: '{root / 'model'}' -> '{other_model}'" in " ".join(output.split())
 
-    write_csv(str(data), sentiment_rows(120, seed=2)[:79] + [("an edited row", 1)])  # same size, one row changed
+    write_csv(
+        str(data), sentiment_rows(120, seed=2)[:79] + [("an edited row", 1)]
+    )  # same size, one row changed
     code, output = train(root, tmp_path / "run", "--resume", "--train_file", data)
     assert code == 2, output
     assert "data_sha256.train_file:" in output and "model:" not in output

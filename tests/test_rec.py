@@ -8,15 +8,32 @@ import pandas as pd
 import pytest
 import torch
 from helpers import tiny_bert_folder
-from helpers.rec import rec_events, tiny_llama_answers_folder, write_rec_data
+from helpers.rec import rec_events, rec_items, tiny_llama_answers_folder, write_rec_data
+from typer.testing import CliRunner
 
+from deltatune.apps.cli import app
 from deltatune.errors import ConfigError, DataError
-from deltatune.train.recipe import RecipeError, load_recipe, load_run, train_from_recipe
+from deltatune.train.recipe import (
+    RecipeError,
+    load_recipe,
+    load_run,
+    make_peft_config,
+    split_recipe,
+    train_from_recipe,
+)
 from deltatune.train.tasks.rec import RecOptions, TextTower
 from deltatune.train.tasks.rec import metrics as M
-from deltatune.train.tasks.rec.data import leave_last_out, read_catalogue, read_log, time_split
+from deltatune.train.tasks.rec.data import (
+    leave_last_out,
+    read_catalogue,
+    read_log,
+    split_log,
+    time_split,
+)
 
 QUIET = {"progress": False, "tensorboard": False, "plot": False, "num_threads": 1}
+QUIET_FLAGS = ["--progress", "false", "--tensorboard", "false", "--plot", "false", "--num_threads", "1"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rec_options(item_file, **extra):
@@ -176,6 +193,32 @@ def test_dedupe_keeps_the_chosen_event_and_items_need_text(tmp_path):
     empty = write(tmp_path, "empty.csv", "id,title\nx,\n")
     with pytest.raises(DataError, match="item 'x' has no text"):
         read_catalogue(RecOptions(item_file=empty, item_id_column="id"))
+
+
+@pytest.mark.parametrize(
+    "split, log, name",
+    [
+        ("leave-last-out", "u,i,t\na,x,1\na,y,2\nb,y,1\nb,z,2\n", "validation"),  # 2 events each: train only
+        ("time", "u,i,t\na,x,1\na,y,2\na,z,3\na,x2,4\nd,x,10\n", "test"),  # d's only event is after the cut
+    ],
+)
+def test_a_split_without_cases_is_a_clear_error(tmp_path, split, log, name):
+    """No user has an event in the split with a history before it: refused, naming the split and the fix."""
+    items = write(tmp_path, "items.csv", "id,title\nx,first\ny,second\nz,third\nx2,fourth\n")
+    extra = {"time_split": [0.6, 0.2, 0.2]} if split == "time" else {}
+    options = RecOptions(
+        item_file=items,
+        user_column="u",
+        item_column="i",
+        item_id_column="id",
+        time_column="t",
+        split=split,
+        **extra,
+    )
+    path = write(tmp_path, "log.csv", log)
+    with pytest.raises(DataError) as err:
+        split_log(read_log(options, path, read_catalogue(options), True), options, path)
+    assert f"the {name} split is empty" in str(err.value) and "use a longer log" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -348,6 +391,65 @@ def test_other_methods_train_the_ranking_model(tmp_path, data, ranking_run, meth
     assert len(task.predict(model, [{"user": "u1", "k": 3}])[0]["items"]) == 3
 
 
+def test_train_task_rec_through_the_cli_with_flags_alone(tmp_path, data):
+    model = tiny_bert_folder(str(tmp_path / "bert"))
+    out = tmp_path / "run"
+    flags = ["--model", model, "--task", "rec", "--train_file", data["log"], "--output_dir", out]
+    flags += ["--rec.item_file", data["items"], "--rec.rating_column", "rating"]
+    flags += ["--rec.time_column", "timestamp", "--rec.negatives", "8", "--max_steps", "2"]
+    result = CliRunner().invoke(app, ["train", *map(str, flags), *QUIET_FLAGS])
+    assert result.exit_code == 0, result.output
+    assert "events of 48 users" in result.output  # the rec data summary
+    metrics = json.loads((out / "metrics.json").read_text())
+    for who in ("", "zeroshot_", "popularity_", "mf_"):
+        assert 0 <= metrics[f"test_{who}ndcg@10"] <= 1
+    assert metrics["test_cases"] == 48
+    assert load_recipe(str(out / "run_config.yaml"))["rec"]["negatives"] == 8
+    result = CliRunner().invoke(app, ["predict", str(out)], input='{"user": "u0", "k": 3}\n')
+    assert result.exit_code == 0 and len(json.loads(result.stdout)["items"]) == 3, result.output
+
+
+def movielens_shaped_items(path) -> str:
+    """The synthetic catalogue in data/ml-100k/items.csv's columns (item_id, title, year, genres)."""
+    pd.DataFrame(
+        [
+            {"item_id": r["item_id"], "title": r["title"], "year": 1990, "genres": r["genre"]}
+            for r in rec_items()
+        ]
+    ).to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "recipe, mode", [("rec-ml100k-minilm.yaml", "ranking"), ("rec-ml100k-smollm2-pref.yaml", "preference")]
+)
+def test_the_movielens_recipes_validate_and_train_on_stand_in_files(tmp_path, data, recipe, mode):
+    """Every key of the shipped recipes is valid; with MovieLens and the packaged model swapped for tiny stand-ins
+    (same file layouts), the recipe form of `deltatune train` runs them as written."""
+    path = os.path.join(ROOT, "recipes", recipe)
+    raw = load_recipe(path)
+    run, train_cfg, method_options = split_recipe(raw)
+    options = RecOptions.from_dict(raw["rec"])
+    assert run.task == "rec" and options.mode == mode
+    assert make_peft_config(run, method_options).r == 16
+    assert os.path.dirname(run.train_file) == os.path.dirname(options.item_file)  # bench builds both together
+    assert "data/ml-100k" in run.train_file and run.train_file.endswith("u.data")
+
+    if mode == "ranking":
+        model = tiny_bert_folder(str(tmp_path / "model"))
+    else:
+        model = tiny_llama_answers_folder(str(tmp_path / "model"))
+    swap = ["--model", model, "--train_file", data["log"], "--output_dir", tmp_path / "run"]
+    swap += ["--rec.item_file", movielens_shaped_items(tmp_path / "items.csv"), "--max_steps", "1"]
+    result = CliRunner().invoke(app, ["train", path, *map(str, swap), *QUIET_FLAGS])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    key = "test_ndcg@10" if mode == "ranking" else "test_auc"
+    assert 0 <= metrics[key] <= 1 and f"test_mf_{key[5:]}" in metrics
+    saved = load_recipe(str(tmp_path / "run" / "run_config.yaml"))
+    assert saved["rec"]["history_length"] == options.history_length and saved["lr"] == train_cfg.lr
+
+
 def test_preference_run_beats_zero_shot_and_popularity(tmp_path, data):
     model = tiny_llama_answers_folder(str(tmp_path / "llama"))
     raw = rec_recipe(
@@ -369,16 +471,21 @@ def test_preference_run_beats_zero_shot_and_popularity(tmp_path, data):
     )  # P(Yes) vs P(No), by hand
 
 
-def test_movielens_files_are_built_from_recboles_layout(tmp_path):
+def load_bench():
     import importlib.util
-    import zipfile
 
-    script = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "rec_movielens.py"
+    spec = importlib.util.spec_from_file_location(
+        "rec_movielens", os.path.join(ROOT, "bench", "rec_movielens.py")
     )
-    spec = importlib.util.spec_from_file_location("rec_movielens", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_movielens_files_are_built_from_recboles_layout(tmp_path):
+    import zipfile
+
+    bench = load_bench()
     wheel = tmp_path / "recbole.whl"
     with zipfile.ZipFile(wheel, "w") as zf:  # the two files as the recbole 1.2.1 wheel holds them
         zf.writestr(
@@ -397,3 +504,31 @@ def test_movielens_files_are_built_from_recboles_layout(tmp_path):
     catalogue = read_catalogue(options)
     log = read_log(options, os.path.join(folder, "u.data"), catalogue, positives_only=True)
     assert catalogue.texts == ["Kolya, 1996, Comedy"] and log.users["196"][0].item == 0
+
+
+def test_readme_and_docs_print_the_movielens_results_as_the_json_rounds_them():
+    """Each score in the README table and in docs/rec.md is its bench/results value rounded once to 3 decimals
+    (as `bench/rec_movielens.py` prints them), never a hand-rounded copy."""
+    import re
+
+    bench = load_bench()
+    results = os.path.join(ROOT, "bench", "results")
+    ranking = bench.rounded(json.load(open(os.path.join(results, "rec-ml100k-minilm.json")))["metrics"])
+    preference = bench.rounded(
+        json.load(open(os.path.join(results, "rec-ml100k-smollm2-pref.json")))["metrics"]
+    )
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("## Recommendation (`task: rec`)") :]
+    table = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| ") and "---" not in line
+    ][1:5]
+    for row, who in zip(table, ("", "zeroshot_", "popularity_", "mf_")):
+        assert row[1:3] == [ranking[f"test_{who}hit@10"], ranking[f"test_{who}ndcg@10"]], row
+        assert row[5] == preference[f"test_{who}auc"], row
+    docs = open(os.path.join(ROOT, "docs", "rec.md")).read()
+    measured = docs[docs.index("## Measured") :]
+    printed = re.findall(r"(?<![\d.])0\.\d{3}(?!\d)", measured.replace("0.097 at step 75", ""))
+    known = set(ranking.values()) | set(preference.values())
+    assert printed and not [n for n in printed if n not in known]
