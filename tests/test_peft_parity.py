@@ -6,6 +6,7 @@ AutoPeftModel classes, the functional API, the status reports, the model card an
 issue quoted (T5 with "all-linear", default IA3 on T5, LoRA on a ViT patch projection, resized embeddings).
 """
 
+import copy
 import importlib.util
 import json
 import pathlib
@@ -17,6 +18,7 @@ from helpers import (
     ids,
     randomize_adapter,
     sentiment_rows,
+    tiny_bert_cls,
     tiny_bert_folder,
     tiny_gpt2,
     tiny_llama,
@@ -26,7 +28,7 @@ from helpers import (
 from safetensors.torch import load_file
 
 import deltatune as dt
-from deltatune.errors import AdapterNotFoundError, UnsupportedModelError
+from deltatune.errors import AdapterNotFoundError, ConfigError, UnsupportedModelError
 from deltatune.layer import Wrapper
 
 peft = pytest.importorskip("peft")
@@ -186,6 +188,35 @@ def test_sft_trainer_refuses_an_adapter_on_the_lm_head():
         SFTTrainer(model, args, train_dataset=Dataset.from_dict({"text": ["a"]}), processing_class=tokenizer)
 
 
+def test_sft_trainer_with_peft_config_of_deltatune_is_refused_with_the_fix():
+    """trl builds the adapter itself with peft's get_peft_model after checking `isinstance(peft_config,
+    peft.PeftConfig)`, so it cannot take deltatune's config; left alone it said "must be a peft.PeftConfig instance
+    ... got LoraConfig". deltatune refuses it first, naming the fix, and the plain model is left as it was."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokenizer = word_tokenizer()
+    tokenizer.eos_token = "[SEP]"
+    args = SFTConfig("unused", bf16=False, report_to=[])
+    data = Dataset.from_dict({"text": ["a"]})
+    config = dt.LoraConfig(task_type="CAUSAL_LM", r=2)
+    for call in (
+        lambda: SFTTrainer(model, args, train_dataset=data, processing_class=tokenizer, peft_config=config),
+        lambda: SFTTrainer(model=model, args=args, train_dataset=data, peft_config=config),
+    ):
+        with pytest.raises(TypeError, match=r"Wrap the model first: model = deltatune.get_peft_model"):
+            call()
+    assert not any(isinstance(m, Wrapper) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # peft's own config still takes trl's path (here: peft wraps the model itself)
+    theirs = SFTTrainer(
+        model, args, train_dataset=data, processing_class=tokenizer, peft_config=peft.LoraConfig(r=2)
+    )
+    assert isinstance(theirs.model, peft.PeftModel)
+
+
 # --- default target modules ------------------------------------------------------------------------------------
 def test_default_target_tables_equal_peft_where_both_have_a_row():
     from peft.utils import constants
@@ -302,6 +333,39 @@ def test_adapter_names_refuse_what_they_cannot_honour(two_adapters):
     ia3 = dt.get_peft_model(tiny_llama(), dt.IA3Config())
     with pytest.raises(UnsupportedModelError, match="LoRA"):
         ia3(input_ids=x, adapter_names=["default", "default"])
+
+
+def test_adapter_names_in_training_mode_train_each_rows_adapter(two_adapters):
+    """peft refuses `adapter_names` in training mode; deltatune allows it (the README says so): the logits equal
+    peft's mixed batch in eval mode (no dropout here), and each row's loss reaches only its own adapter."""
+    ours, theirs = two_adapters
+    ours = copy.deepcopy(ours)
+    ours.set_adapter(["a", "b"])  # both trainable, as for multi-task training
+    ours.train()
+    x = ids(batch=4)
+    names = ["a", "__base__", "b", "a"]
+    logits = ours(input_ids=x, adapter_names=names).logits
+    with torch.no_grad():
+        same_logits(logits.detach(), theirs(input_ids=x, adapter_names=names).logits)
+    theirs.train()
+    try:
+        with pytest.raises(ValueError, match="training mode"):
+            theirs(input_ids=x, adapter_names=names)
+    finally:
+        theirs.eval()
+
+    def reached(rows) -> set[str]:
+        ours.zero_grad(set_to_none=True)
+        ours(input_ids=x, adapter_names=names).logits[rows].pow(2).sum().backward()
+        return {
+            name.split(".")[-2]
+            for name, p in ours.named_parameters()
+            if "lora_" in name and p.grad is not None and p.grad.abs().sum() > 0
+        }
+
+    assert reached([0, 3]) == {"a"}
+    assert reached([2]) == {"b"}
+    assert reached([1]) == set()  # the base row trains no adapter
 
 
 # --- AutoPeftModel* ------------------------------------------------------------------------------------------
@@ -627,3 +691,41 @@ def test_vision_transformer_without_target_modules_adapts_attention_and_runs(con
     assert wrapped == expected
     logits = model(pixel_values=torch.randn(2, 3, 16, 16)).logits
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+def test_wrapped_linear_layers_fall_through_like_peft():
+    """`weight`, `bias`, `in_features`, `out_features` of a wrapped Linear are its base layer's (the same tensors,
+    not copies), as in peft's layers, with and without a bias."""
+    for factory, targets in (
+        (tiny_bert_cls, ["query", "value", "dense"]),
+        (tiny_llama, ["q_proj", "down_proj"]),
+    ):
+        ours = dt.get_peft_model(factory(), dt.LoraConfig(r=2, target_modules=targets))
+        theirs = peft.get_peft_model(factory(), peft.LoraConfig(r=2, target_modules=targets))
+        their_layers = dict(theirs.named_modules())
+        wrapped = [(n, m) for n, m in ours.named_modules() if isinstance(m, Wrapper)]
+        assert wrapped and {n for n, _ in wrapped} == {
+            n for n, m in their_layers.items() if isinstance(m, peft.tuners.lora.LoraLayer)
+        }
+        for name, layer in wrapped:
+            base, their = layer.get_base_layer(), their_layers[name]
+            assert isinstance(base, torch.nn.Linear), name
+            assert layer.weight is base.weight and layer.bias is base.bias, name
+            assert (layer.in_features, layer.out_features) == (base.in_features, base.out_features), name
+            assert (layer.in_features, layer.out_features) == (their.in_features, their.out_features), name
+            assert torch.equal(layer.weight, their.weight), name
+            assert (layer.bias is None) == (their.bias is None), name
+            if layer.bias is not None:
+                assert torch.equal(layer.bias, their.bias), name
+        assert any(layer.bias is not None for _, layer in wrapped) or factory is tiny_llama
+
+
+def test_mixed_true_is_refused_and_leaves_the_model_unchanged():
+    """peft's PeftMixedModel (adapters of different methods in one model) is "not yet": a clear ConfigError."""
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"mixed=True .*not supported; use one method per PeftModel"):
+        dt.get_peft_model(model, dt.LoraConfig(r=2), mixed=True)
+    assert not any(isinstance(m, Wrapper) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not hasattr(dt, "PeftMixedModel")

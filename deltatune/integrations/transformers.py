@@ -13,7 +13,10 @@ check can be satisfied without importing peft, so `import deltatune` extends thr
 - `transformers.Trainer._save` writes a deltatune model with its own `save_pretrained` (adapter folder + model card),
   then the tokenizer and the training arguments as it does for any model;
 - `trl.trainer.sft_trainer.BaseTunerLayer` (peft's layer class, which SFTTrainer uses to refuse an adapter on the LM
-  head) also matches deltatune's layers, and exists when peft is not installed.
+  head) also matches deltatune's layers, and exists when peft is not installed;
+- `SFTTrainer(peft_config=<deltatune config>)` is refused with the fix (wrap the model first): trl builds the adapter
+  itself with peft's `get_peft_model` after an `isinstance(peft_config, peft.PeftConfig)` check, so it would
+  otherwise fail with "must be a peft.PeftConfig instance ... got LoraConfig" or ask to install peft.
 
 Everything else in those libraries is untouched, and for any other model these behave exactly as before. The patches are applied when those modules are imported (or at once if they already are), so importing
 deltatune never imports transformers' trainer stack itself.
@@ -21,14 +24,17 @@ deltatune never imports transformers' trainer stack itself.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
+import inspect
 import os
 import sys
 from types import ModuleType
 
 import torch
 
+from deltatune.config import PeftConfig
 from deltatune.layer import AdapterLayer
 from deltatune.model import PeftModel
 
@@ -108,15 +114,40 @@ def _patch_trainer(module: ModuleType) -> None:
     trainer._save = _saving_adapters(trainer.__dict__["_save"])
 
 
+def _refusing_deltatune_configs(original):
+    """`SFTTrainer.__init__`, refusing a deltatune `peft_config` with the fix rather than trl's type error."""
+    if getattr(original, _PATCHED, False):
+        return original
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        config = signature.bind_partial(self, *args, **kwargs).arguments.get("peft_config")
+        if isinstance(config, PeftConfig):
+            raise TypeError(
+                "SFTTrainer(peft_config=...) builds the adapter with peft's own get_peft_model and accepts only "
+                f"peft's config classes, not deltatune's {type(config).__name__}. Wrap the model first: "
+                "model = deltatune.get_peft_model(model, config), then SFTTrainer(model=model, ...) without "
+                "peft_config."
+            )
+        original(self, *args, **kwargs)
+
+    setattr(__init__, _PATCHED, True)
+    return __init__
+
+
 def _patch_trl_sft(module: ModuleType) -> None:
     """trl refuses a peft adapter on the LM head (its fused loss reads `lm_head.weight` directly, so the adapter
     would never train) by testing for peft's `BaseTunerLayer`; make that test see deltatune's layers too (and
-    exist at all when peft is not installed)."""
+    exist at all when peft is not installed). A deltatune config passed as `peft_config` is refused clearly."""
     peft_layer = module.__dict__.get("BaseTunerLayer")
     if peft_layer is None:
         module.BaseTunerLayer = AdapterLayer
     elif isinstance(peft_layer, type):
         module.BaseTunerLayer = (peft_layer, AdapterLayer)
+    trainer = module.__dict__.get("SFTTrainer")
+    if isinstance(trainer, type):
+        trainer.__init__ = _refusing_deltatune_configs(trainer.__dict__["__init__"])
 
 
 PATCHES = {
