@@ -384,12 +384,31 @@ def _auto_case(kind, root):
             else "AutoPeftModelForTokenClassification"
         )
         return base, task, name, dict(target_modules=["query", "value"])
+    if kind in ("qa", "feature"):  # a BERT saved as the class the task loads (a QA head, or no head)
+        from transformers import AutoModel, AutoModelForQuestionAnswering
+
+        bert = tiny_bert_folder(str(root / "bert"))
+        torch.manual_seed(0)
+        auto = AutoModelForQuestionAnswering if kind == "qa" else AutoModel
+        auto.from_pretrained(bert).save_pretrained(root / "base")
+        task, name = (
+            ("QUESTION_ANS", "AutoPeftModelForQuestionAnswering")
+            if kind == "qa"
+            else ("FEATURE_EXTRACTION", "AutoPeftModelForFeatureExtraction")
+        )
+        return str(root / "base"), task, name, dict(target_modules=["query", "value"])
     tiny_t5().save_pretrained(root / "base")
     AutoModelForSeq2SeqLM.from_pretrained(root / "base")  # the folder loads as a seq2seq model
     return str(root / "base"), "SEQ_2_SEQ_LM", "AutoPeftModelForSeq2SeqLM", dict(target_modules=["q", "v"])
 
 
-@pytest.mark.parametrize("kind", ["causal", "seq-cls", "token-cls", "seq2seq"])
+def _outputs(output) -> list[torch.Tensor]:
+    """What a task's model answers: logits, QA's start/end logits, or hidden states (feature extraction)."""
+    names = ("logits", "start_logits", "end_logits", "last_hidden_state")
+    return [getattr(output, n) for n in names if getattr(output, n, None) is not None]
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq-cls", "token-cls", "seq2seq", "qa", "feature"])
 def test_auto_peft_models_load_the_named_base_like_peft(kind, tmp_path):
     import transformers
 
@@ -404,7 +423,10 @@ def test_auto_peft_models_load_the_named_base_like_peft(kind, tmp_path):
     assert type(ours).__name__ == type(theirs).__name__
     x = ids(length=6, vocab=30)
     extra = {"decoder_input_ids": x[:, :3]} if kind == "seq2seq" else {}
-    same_logits(ours(input_ids=x, **extra).logits, theirs(input_ids=x, **extra).logits)
+    mine, their_outputs = _outputs(ours(input_ids=x, **extra)), _outputs(theirs(input_ids=x, **extra))
+    assert mine and len(mine) == len(their_outputs)
+    for a, b in zip(mine, their_outputs):
+        same_logits(a, b)
     if kind == "causal":
         with pytest.raises(ValueError, match="AutoPeftModelForCausalLM"):
             dt.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
@@ -533,6 +555,7 @@ def _deltatune_to_peft(factory, ours_config, theirs_config, x, tmp_path, **call)
     assert ours.state_dict().keys() == reference.state_dict().keys()
     with torch.no_grad():
         same_logits(ours(x, **call).logits, theirs(x, **call).logits)
+    return ours
 
 
 def test_t5_all_linear_runs_and_matches_peft(tmp_path):
@@ -557,8 +580,10 @@ def test_default_ia3_on_t5_runs_and_matches_peft(tmp_path):
 
 def test_lora_on_vit_patch_projection_conv2d_matches_peft(tmp_path):
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    kwargs = dict(r=4, target_modules=["projection", "query", "value"])
-    _deltatune_to_peft(tiny_vit, dt.LoraConfig(**kwargs), peft.LoraConfig(**kwargs), pixels, tmp_path)
+    kwargs = dict(r=4, target_modules=["projection", "q_proj", "v_proj"])  # transformers 5's ViT layer names
+    ours = _deltatune_to_peft(tiny_vit, dt.LoraConfig(**kwargs), peft.LoraConfig(**kwargs), pixels, tmp_path)
+    wrapped = {name.rsplit(".", 1)[-1] for name, m in ours.named_modules() if isinstance(m, Wrapper)}
+    assert wrapped == {"projection", "q_proj", "v_proj"}  # every name matched: attention and the Conv2d
 
 
 def test_resized_embeddings_with_embedding_targets_travel_with_the_adapter(tmp_path):
