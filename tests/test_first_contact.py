@@ -98,6 +98,30 @@ def test_readme_shows_the_flags_form_and_the_names_from_the_registry():
     assert choices_markdown() in readme
 
 
+def test_the_readme_recipe_form_runs_with_its_overrides(folders, tmp_path):
+    """The README's first `deltatune train` line (a shipped recipe, then `--key value` overrides) run as written,
+    with only the model and the SST-2 files swapped for tiny stand-ins of the same layout."""
+    readme = (ROOT / "README.md").read_text()
+    line = next(s for s in readme.splitlines() if s.startswith("deltatune train recipes/"))
+    recipe = line.split()[2]
+    overrides = line.split("overridden:", 1)[1].split()
+    assert recipe.endswith(".yaml") and overrides == ["--lr", "5e-4", "--lora.r", "16"]
+    rows = sentiment_rows(60, seed=3)
+    train_file = write_csv(str(tmp_path / "train.tsv"), rows[:40], ("sentence", "label"), "\t")
+    test_file = write_csv(str(tmp_path / "test.tsv"), rows[40:], ("sentence", "label"), "\t")
+    swap = ["--model", folders / "bert", "--train_file", train_file, "--eval_file", "null"]
+    swap += ["--test_file", test_file, "--output_dir", tmp_path / "run", "--max_steps", "1"]
+    swap += ["--tensorboard", "false", "--plot", "false"]
+    result = runner.invoke(app, ["train", str(ROOT / recipe), *overrides, *map(str, swap)])
+    assert result.exit_code == 0, result.output
+    shipped = yaml.safe_load((ROOT / recipe).read_text())
+    ran = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())
+    assert ran["lr"] == 5e-4 and ran["lora"] == {**shipped["lora"], "r": 16}
+    for key in ("task", "method", "text_column", "max_length", "batch_size", "scheduler", "seed"):
+        assert ran[key] == shipped[key], key
+    assert "test_accuracy" in yaml.safe_load((tmp_path / "run" / "metrics.json").read_text())
+
+
 # --- max_length from the data ----------------------------------------------------------------------------------------
 class FakeModel:
     class config:  # noqa: N801 - stands in for a transformers config
