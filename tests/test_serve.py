@@ -291,7 +291,7 @@ def test_row_plan_equals_set_adapter_per_row(folders, rows):
     enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad(), engine.rows(rows):
         mixed = engine.net(**enc).logits
-    assert all(getattr(m, "row_adapters", None) is None for m in engine.model.modules())
+    assert all(layer.row_adapters is None for layer in engine.model.adapter_layers())
     model = engine.model
     with torch.no_grad():
         for i, name in enumerate(rows):

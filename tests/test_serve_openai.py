@@ -331,7 +331,12 @@ def test_backpressure_timeouts_and_disconnects(llm):
     server.scheduler.call(gate.wait)
     old_queue, old_timeout = settings.max_queue, settings.request_timeout_s
     settings.max_queue, settings.request_timeout_s = 2, 1.0
-    body = {"model": "base", "prompt": "good", "max_tokens": 2, "temperature": 0}  # no adapter load to wait for
+    body = {
+        "model": "base",
+        "prompt": "good",
+        "max_tokens": 2,
+        "temperature": 0,
+    }  # no adapter load to wait for
     try:
 
         async def flood():
