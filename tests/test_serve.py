@@ -533,6 +533,43 @@ def test_switching_adapters_1000_times_on_bf16_never_changes_an_answer(folders):
     assert want[(texts[0], "a0")] != want[(texts[0], "a1")] != want[(texts[0], None)]  # the adapters matter
 
 
+def test_an_internal_error_is_a_500_with_a_request_id_and_a_logged_traceback(folders, caplog):
+    """The client gets its request id and a short message (no exception text, no paths); the log gets the
+    traceback under the same id. Library errors become statuses by class."""
+    import logging
+
+    from fastapi.testclient import TestClient
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from deltatune import errors
+    from deltatune.apps.serve.http import status_for
+
+    engine = Engine(
+        AutoModelForSequenceClassification.from_pretrained(folders["base"]),
+        AutoTokenizer.from_pretrained(folders["base"]),
+        "seq-cls",
+    )
+
+    def broken(ids, names):
+        raise RuntimeError("secret detail in /srv/models")
+
+    engine.classify_ids = broken
+    with (
+        TestClient(create_app(engine, ServeSettings()), raise_server_exceptions=False) as client,
+        caplog.at_level(logging.ERROR, logger="deltatune.serve"),
+    ):
+        r = client.post("/v1/classify", json={"inputs": "good movie"})
+        metrics = client.get("/metrics").text
+    assert r.status_code == 500 and "secret" not in r.text and "/srv" not in r.text
+    rid = r.json()["error"]["request_id"]
+    assert rid == r.headers["x-request-id"] and rid in r.json()["error"]["message"]
+    assert any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records)
+    assert 'endpoint="classify",adapter="base",status="500"' in metrics
+    kinds = [errors.AdapterNotFoundError, errors.ConfigError, errors.DataError, errors.CheckpointError]
+    kinds += [errors.UnsupportedModelError, errors.MergeError, errors.RunError]
+    assert [status_for(kind("x")) for kind in kinds] == [404, 400, 400, 400, 400, 409, 409]
+
+
 def test_protect_all_requires_the_token_everywhere_but_health(folders):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

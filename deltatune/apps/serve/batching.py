@@ -146,9 +146,8 @@ class Engine:
             raise AdapterError(f"Could not load adapter {name!r}: {err}") from err
         self.paths[name] = path
         self._layers = _adapter_layers(self.net)
-        for (
-            layer
-        ) in self._layers:  # new wrappers start in training mode (dropout); not the whole model's walk
+        # new wrappers start in training mode (dropout); set it on them, not by walking the whole model
+        for layer in self._layers:
             layer.training = False
 
     def _forget(self, name: str, first: bool) -> None:
@@ -188,9 +187,8 @@ class Engine:
         """Inside the block, row i of every batch runs adapter names[i] (None: the base alone)."""
         self.check_names(names)
         plan = RowPlan(names)
-        for (
-            layer
-        ) in self._layers:  # a plain attribute: skip nn.Module.__setattr__'s checks, twice a layer a step
+        # a plain attribute: skip nn.Module.__setattr__'s checks (twice a layer a step)
+        for layer in self._layers:
             object.__setattr__(layer, "row_adapters", plan)
         try:
             yield

@@ -129,10 +129,10 @@ class LoraLayer(AdapterLayer):
         return F.linear(h, self.base_weight())
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if (
-            self.row_adapters is not None
-        ):  # a mixed-adapter batch (serving.py): the active adapters play no part
-            if any(n in self.lora_magnitude_vector for n in set(self.row_adapters)):
+        if self.row_adapters is not None:  # a mixed-adapter batch (serving.py): active adapters play no part
+            if self.lora_magnitude_vector and any(
+                n in self.lora_magnitude_vector for n in set(self.row_adapters)
+            ):
                 raise UnsupportedModelError(
                     "Mixed-adapter batches (row_adapters) do not support DoRA adapters; serve them alone."
                 )
