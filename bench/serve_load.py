@@ -46,7 +46,7 @@ CONCURRENCY = (1, 8, 32, 64)
 
 
 def make_model(folder: str) -> None:
-    """A 4-layer Llama and a word-level tokenizer, saved to `folder`."""
+    """A 2-layer Llama and a word-level tokenizer, saved to `folder`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 

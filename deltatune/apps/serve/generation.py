@@ -128,9 +128,8 @@ def advance(
         searched = len(seq.text)
         before = decode(seq.tokens[seq.prefix : seq.read]) if seq.read > seq.prefix else ""
         after = decode(seq.tokens[seq.prefix :])
-        if len(after) > len(before) and not after.endswith(
-            "\ufffd"
-        ):  # wait for the rest of a split character
+        # (text ending in U+FFFD is half a character: wait for the rest)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
             seq.text += after[len(before) :]
             seq.prefix, seq.read = seq.read, len(seq.tokens)
         found = (seq.text.find(s, max(0, searched - len(s) + 1)) for s in stops)
@@ -153,20 +152,43 @@ def advance(
 
 
 class RoomyLayer(DynamicLayer):
-    """A cache layer that writes each step's keys and values into spare room, doubling it when full, where
-    DynamicLayer concatenates (copying the whole cache at every step: most of a step's time with 32 rows)."""
+    """A cache layer that writes each step's keys and values into spare room (`room[..., :used, :]` holds them),
+    doubling it when full, where DynamicLayer concatenates (copying the whole cache at every step: most of a step's
+    time with 32 rows). Rows leaving and joining also cost one copy of the cache each, not three."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 64) -> None:
+    SPARE = 64
+
+    def __init__(self, key_room: torch.Tensor, value_room: torch.Tensor, used: int) -> None:
         super().__init__()
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self.used = keys.shape[-2]
-        self._keys, self._values = self._room(keys, self.used + spare), self._room(values, self.used + spare)
+        self.dtype, self.device, self.is_initialized = key_room.dtype, key_room.device, True
+        self._keys, self._values, self.used = key_room, value_room, used
         self._expose()
 
-    def _room(self, t: torch.Tensor, size: int) -> torch.Tensor:
-        room = t.new_empty(*t.shape[:-2], size, t.shape[-1])
-        room[..., : self.used, :] = t[..., : self.used, :]
-        return room
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> RoomyLayer:
+        """A layer holding copies of these keys and values, with spare room after them."""
+        used = keys.shape[-2]
+        return cls(_room(keys, used + cls.SPARE), _room(values, used + cls.SPARE), used)
+
+    def rows(self, index: torch.Tensor, start: int) -> RoomyLayer:
+        """Only the rows `index`, from column `start` on (one gather; the spare room comes along)."""
+        keys = self._keys[..., start:, :].index_select(0, index)
+        return RoomyLayer(keys, self._values[..., start:, :].index_select(0, index), self.used - start)
+
+    def stacked(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> RoomyLayer:
+        """These rows under the new ones (prefilled keys and values), both left-padded with zeros to `length`:
+        written once into a fresh room. Padding must be zeros, not garbage: a masked position still multiplies
+        its value by a zero weight, and 0 x NaN is NaN."""
+        old, new = self._keys.shape[0], keys.shape[0]
+        rooms = []
+        for mine, theirs in ((self.keys, keys), (self.values, values)):
+            room = mine.new_empty(old + new, mine.shape[1], length + self.SPARE, mine.shape[-1])
+            room[:old, :, : length - self.used].zero_()
+            room[:old, :, length - self.used : length] = mine
+            room[old:, :, : length - theirs.shape[-2]].zero_()
+            room[old:, :, length - theirs.shape[-2] : length] = theirs
+            rooms.append(room)
+        return RoomyLayer(*rooms, length)
 
     def _expose(self) -> None:
         self.keys, self.values = self._keys[..., : self.used, :], self._values[..., : self.used, :]
@@ -174,7 +196,7 @@ class RoomyLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         end = self.used + key_states.shape[-2]
         if end > self._keys.shape[-2]:
-            self._keys, self._values = self._room(self._keys, 2 * end), self._room(self._values, 2 * end)
+            self._keys, self._values = _room(self.keys, 2 * end), _room(self.values, 2 * end)
         self._keys[..., self.used : end, :] = key_states
         self._values[..., self.used : end, :] = value_states
         self.used = end
@@ -182,10 +204,16 @@ class RoomyLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A cache of RoomyLayers holding these (keys, values)."""
+def _room(t: torch.Tensor, size: int) -> torch.Tensor:
+    """`t` copied into the start of a tensor with `size` positions (the rest uninitialised)."""
+    room = t.new_empty(*t.shape[:-2], size, t.shape[-1])
+    room[..., : t.shape[-2], :] = t
+    return room
+
+
+def _cache(layers: list[RoomyLayer]) -> DynamicCache:
     cache = DynamicCache()
-    cache.layers = [RoomyLayer(keys, values) for keys, values in layers]
+    cache.layers = layers
     return cache
 
 
@@ -249,15 +277,12 @@ class DecodeBatch:
         """Stack prefilled rows under the running ones, padding whichever cache is shorter on the left."""
         if not self.seqs:
             self.seqs, self.mask = list(seqs), mask
-            self.cache = _cache([(layer.keys, layer.values) for layer in cache.layers])
+            self.cache = _cache([RoomyLayer.holding(layer.keys, layer.values) for layer in cache.layers])
             return
         length = max(self.mask.shape[1], mask.shape[1])
-        layers = []
-        for old, new in zip(self.cache.layers, cache.layers):
-            keys = torch.cat([_pad_left(old.keys, length, 2), _pad_left(new.keys, length, 2)])
-            values = torch.cat([_pad_left(old.values, length, 2), _pad_left(new.values, length, 2)])
-            layers.append((keys, values))
-        self.cache = _cache(layers)
+        self.cache = _cache(
+            [old.stacked(new.keys, new.values, length) for old, new in zip(self.cache.layers, cache.layers)]
+        )
         self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(mask, length, 1)])
         self.seqs += seqs
 
@@ -273,15 +298,7 @@ class DecodeBatch:
         mask = self.mask.index_select(0, index)
         start = int(mask.any(0).int().argmax())  # the first column some row still uses
         self.mask = mask[:, start:]
-        self.cache = _cache(
-            [
-                (
-                    layer.keys.index_select(0, index)[:, :, start:],
-                    layer.values.index_select(0, index)[:, :, start:],
-                )
-                for layer in self.cache.layers
-            ]
-        )
+        self.cache = _cache([layer.rows(index, start) for layer in self.cache.layers])
 
     def step(self) -> torch.Tensor:
         """Feed every row its last token; the logits for the next one (rows, vocab)."""
