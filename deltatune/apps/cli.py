@@ -370,7 +370,7 @@ def serve(
     """Serve many adapters over one shared base model over HTTP (OpenAI-compatible; docs at /docs)."""
     import uvicorn
 
-    from deltatune.apps.serve.app import ServeSettings, build_engine, create_app, server_config
+    from deltatune.apps.serve.app import ServeSettings, build_engine, create_app, server_options
     from deltatune.train.task_inference import infer_task
 
     adapters = {}
@@ -398,8 +398,9 @@ def serve(
         threads=threads,
         max_connections=max_connections,
     )
-    app_ = create_app(build_engine(model, adapters, task), settings)
-    uvicorn.Server(server_config(app_, settings, host, port)).run()
+    uvicorn.run(
+        create_app(build_engine(model, adapters, task), settings), **server_options(settings, host, port)
+    )
 
 
 def main() -> None:

@@ -318,16 +318,20 @@ def run_labels(folders: list[str]) -> list[str] | None:
     return found
 
 
+def server_options(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> dict[str, Any]:
+    """uvicorn's options (for `uvicorn.run` or `uvicorn.Config`) with the connection limits of `settings`: idle,
+    half-sent and too many connections."""
+    return {
+        "host": host,
+        "port": port,
+        "http": guarded_h11(settings.header_timeout_s),
+        "timeout_keep_alive": settings.keep_alive_s,
+        "limit_concurrency": settings.max_connections or default_max_connections(),
+    }
+
+
 def server_config(app: FastAPI, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, **kwargs):
-    """uvicorn's config for `app` with the connection limits of `settings` (idle, half-sent and too many)."""
+    """uvicorn's config for `app` with the connection limits of `settings` (for a server run in a thread)."""
     import uvicorn
 
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        http=guarded_h11(settings.header_timeout_s),
-        timeout_keep_alive=settings.keep_alive_s,
-        limit_concurrency=settings.max_connections or default_max_connections(),
-        **kwargs,
-    )
+    return uvicorn.Config(app, **server_options(settings, host, port), **kwargs)
