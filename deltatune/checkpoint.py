@@ -20,6 +20,7 @@ from torch import nn
 
 from deltatune.errors import CheckpointError
 from deltatune.hub import resolve_adapter_file
+from deltatune.inject import outer_modules
 from deltatune.layer import AdapterLayer, ModulesToSave
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -31,7 +32,7 @@ def layer_entries(model: nn.Module, adapter_name: str, bias: str = "none") -> di
     """Checkpoint key -> live tensor of adapter `adapter_name` in `model`'s adapter layers, its trained copies of
     `modules_to_save` and, per `bias`, the base biases trained beside it."""
     entries: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
+    for name, module in outer_modules(model):  # wrappers never nest: no need to walk inside them
         if isinstance(module, AdapterLayer):
             for attr in module.adapter_attrs:
                 container = getattr(module, attr)
@@ -60,7 +61,7 @@ def heads_entries(
 def all_heads_entries(model: nn.Module, adapter_name: str, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     """Every trained head copy (`modules_to_save`) adapter `adapter_name` has in `model`."""
     entries: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
+    for name, module in outer_modules(model):
         if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             entries.update(heads_entries(module, name, adapter_name, prefix))
     return entries
@@ -143,7 +144,7 @@ def embedding_entries(model: nn.Module) -> dict[str, torch.Tensor]:
     layers = [
         getattr(model, g)() for g in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, g)
     ]
-    names = {id(m): n for n, m in model.named_modules()}
+    names = {id(m): n for n, m in outer_modules(model)}  # embeddings are never inside another wrapper
     for layer in layers:
         if not isinstance(layer, nn.Module) or id(layer) not in names:
             continue

@@ -42,15 +42,34 @@ def type_matches(module: nn.Module, names) -> bool:
     return bool(types) and isinstance(module, types)
 
 
+def is_wrapper(module: nn.Module) -> bool:
+    """An adapter wrapper (a layer holding `base_layer`, or trained copies beside `original_module`)."""
+    return hasattr(module, "base_layer") or hasattr(module, "original_module")
+
+
+def outer_modules(module: nn.Module, prefix: str = "", seen: set[int] | None = None):
+    """`named_modules()` without the insides of adapter wrappers: the wrappers themselves are yielded, their base
+    layers and per-adapter weights are not. Why: a wrapper holds modules for every adapter, so a full walk costs
+    more with each adapter loaded (a server holding hundreds would pay for all of them on every load)."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    yield prefix, module
+    if is_wrapper(module):
+        return
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from outer_modules(child, f"{prefix}.{name}" if prefix else name, seen)
+
+
 def candidate_modules(model: nn.Module):
     """(name, module) pairs a method may target. An existing adapter wrapper stands for the module it wraps, and
     its insides (base layer, adapter weights, trained copies) are never targets themselves."""
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
+    for name, module in outer_modules(model):
+        if not name:
             continue
-        if hasattr(module, "base_layer") or hasattr(module, "original_module"):
-            inside.append(name)
+        if is_wrapper(module):
             module = getattr(module, "base_layer", None) or module.original_module
         yield name, module
 

@@ -39,7 +39,7 @@ def unchanged_on_error(*roots: nn.Module):
     """If the block raises, put every module under `roots` back as it was: the same submodules, parameters and
     buffers in the same places, the same requires_grad and train/eval flags, and the old values of base weights
     written in place meanwhile (they go through `remember_before_write`). Nothing is copied unless written."""
-    modules = {id(m): m for root in roots for m in root.modules()}.values()
+    modules = _guarded_modules(roots)
     layout = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), m.training) for m in modules]
     grads = [(p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None]
     backups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -63,6 +63,32 @@ def unchanged_on_error(*roots: nn.Module):
         raise
     finally:
         _OPEN_GUARDS.reset(token)
+
+
+def _guarded_modules(roots) -> list[nn.Module]:
+    """The modules `unchanged_on_error` keeps: every module under `roots`, except those inside a wrapper's
+    per-adapter containers (`lora_A[name]`, a head's copy for one adapter). The containers themselves are kept,
+    so an adapter added in the block goes away with its entries; the existing adapters' own modules are never
+    restructured by adding or loading another. Why: a server holds hundreds of adapters, and walking all of their
+    modules made every load cost more than the one before."""
+    found: dict[int, nn.Module] = {}
+    stack = list(roots)
+    while stack:
+        module = stack.pop()
+        if id(module) in found:
+            continue
+        found[id(module)] = module
+        children = [c for c in module._modules.values() if c is not None]
+        if isinstance(module, Wrapper):
+            wrapped = module._wrapped()
+            for child in children:
+                if child is wrapped:
+                    stack.append(child)
+                else:
+                    found.setdefault(id(child), child)
+        else:
+            stack.extend(children)
+    return list(found.values())
 
 
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -130,12 +156,9 @@ class AdapterLayer(Wrapper):
     # --- bookkeeping ---------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
-        names: list[str] = []
-        for attr in self.adapter_attrs:
-            for name in getattr(self, attr).keys():
-                if name not in names:
-                    names.append(name)
-        return names
+        # dict.fromkeys: first-seen order without duplicates, linear in the number of adapters (a server holds
+        # hundreds; a list-membership test here made every load and forward quadratic in them)
+        return list(dict.fromkeys(name for attr in self.adapter_attrs for name in getattr(self, attr).keys()))
 
     @property
     def active_adapters(self) -> list[str]:

@@ -22,7 +22,7 @@ from torch import nn
 from deltatune import checkpoint, hub, status
 from deltatune.config import PeftConfig, check_fields
 from deltatune.errors import AdapterNotFoundError, ConfigError, MergeError, UnsupportedModelError
-from deltatune.inject import candidate_modules, find_targets, replace_module
+from deltatune.inject import candidate_modules, find_targets, outer_modules, replace_module
 from deltatune.layer import AdapterLayer, ModulesToSave, unchanged_on_error
 from deltatune.method import Method
 from deltatune.methods.lora import arithmetic
@@ -157,7 +157,9 @@ class PeftModel(nn.Module):
         self.on_optimizer_step(global_step)
 
     def adapter_layers(self) -> list[nn.Module]:
-        return [m for m in self.get_base_model().modules() if isinstance(m, (AdapterLayer, ModulesToSave))]
+        return [
+            m for _, m in outer_modules(self.get_base_model()) if isinstance(m, (AdapterLayer, ModulesToSave))
+        ]
 
     def adapter_entries(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Checkpoint key -> live tensor of everything adapter `adapter_name` owns (what trains, saves, loads)."""
@@ -276,7 +278,7 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = config
         for layer in self.adapter_layers():
             layer.set_adapter(self._active)
-        self._update_trainable()
+        self._update_trainable(added=adapter_name)
 
     def _prepare_config(self, config: PeftConfig) -> None:
         if config.base_model_name_or_path is None:
@@ -334,9 +336,11 @@ class PeftModel(nn.Module):
         self._active = names
         self._update_trainable()
 
-    def _update_trainable(self) -> None:
-        """Only the active, trainable adapters' tensors (and their heads and biases) get gradients."""
-        for p in self.parameters():
+    def _update_trainable(self, added: str | None = None) -> None:
+        """Only the active, trainable adapters' tensors (and their heads and biases) get gradients. After adding
+        adapter `added`, only its new tensors need freezing (the rest already follows the rule), so adding an
+        adapter does not cost more with every adapter already loaded."""
+        for p in self.adapter_entries(added).values() if added is not None else self.parameters():
             p.requires_grad_(False)
         for name in self._active:
             config = self.peft_config[name]
@@ -688,17 +692,16 @@ class PeftModel(nn.Module):
         config = self.peft_config[adapter_name]
         method_for(config.peft_type).check_loadable(self, adapter_name, config, state)
         base = self.get_base_model()
-        names = [n for n, _ in base.named_parameters(remove_duplicate=False)]  # tied weights under each name
-        base_names = {checkpoint.PREFIX + n for n in names} | {
-            "base_model." + n for n in names
-        }  # soft prompts
-        checkpoint.copy_into(
-            self.adapter_entries(adapter_name),
-            state,
-            checkpoint.embedding_entries(base),
-            base_names,
-            allow_nonfinite,
-        )
+        entries, loadable = self.adapter_entries(adapter_name), checkpoint.embedding_entries(base)
+        base_names: set[str] = set()
+        if any(key not in entries and key not in loadable for key in state):  # the refusal names base weights
+            names = [
+                n for n, _ in base.named_parameters(remove_duplicate=False)
+            ]  # tied weights under each name
+            base_names = {checkpoint.PREFIX + n for n in names} | {
+                "base_model." + n for n in names
+            }  # soft prompts
+        checkpoint.copy_into(entries, state, loadable, base_names, allow_nonfinite)
 
 
 def _named_forward(*names: str):

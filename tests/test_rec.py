@@ -353,6 +353,12 @@ def test_saved_run_predicts_evaluates_and_serves_the_same(ranking_run, data, tmp
         assert same_items(reply.json()["items"], by_user["items"])
         assert client.post("/v1/recommend", json={"adapter": "movies", "user": "nobody"}).status_code == 400
         assert client.post("/v1/recommend", json={"adapter": "other", "user": "u0"}).status_code == 404
+        assert (
+            client.post("/v1/recommend", json={"adapter": "movies", "user": "u0", "kk": 5}).status_code == 422
+        )
+        rows = client.post("/v1/predict", json={"adapter": "movies", "rows": [{"user": "u0", "k": 5}]})
+        assert rows.status_code == 200, rows.text
+        assert same_items(rows.json()["results"][0]["items"], by_user["items"])
         assert client.post("/v1/classify", json={"inputs": "x"}).status_code == 400
 
 

@@ -326,11 +326,19 @@ def test_server_shares_one_backbone_between_detection_runs(scenes, detection_run
     assert alone["a"] != alone["b"]  # so answering with the wrong run's adapter or heads would be caught
     engine = build_engine(None, {"a": str(first), "b": str(second)}, "detection")
     assert len({id(t) for t in engine.tasks.values()}) == 2 and engine.model.peft_config.keys() == {"a", "b"}
-    with TestClient(create_app(engine, ServeSettings())) as client:
+    with TestClient(create_app(engine, ServeSettings(adapter_root=str(tmp_path)))) as client:
         for name in ("b", "a", "b"):
             answer = client.post("/v1/detect", json={"adapter": name, "inputs": rows})
             assert answer.status_code == 200, answer.text
             assert answer.json()["results"] == alone[name]
+        # /v1/predict answers the same; a run found under the adapter root loads on first use, onto the same base
+        answer = client.post("/v1/predict", json={"adapter": "a", "rows": rows})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"] == alone["a"]
+        answer = client.post("/v1/detect", json={"adapter": second.name, "inputs": rows})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"] == alone["b"]
+        assert engine.model.peft_config.keys() == {"a", "b", second.name}
         drawn = client.post(
             "/v1/detect", json={"adapter": "a", "inputs": [{**rows[0], "return_image": True}]}
         )

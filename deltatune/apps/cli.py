@@ -342,25 +342,40 @@ def serve(
     port: int = typer.Option(8000),
     task: str = typer.Option(
         None,
-        help="seq-cls (POST /v1/classify), causal-lm (POST /v1/generate), rec (POST /v1/recommend), image-cls, "
-        "detection, segmentation, text-to-image (POST /v1/classify-image, /v1/detect, /v1/segment, "
-        "/v1/generate-image); for rec and the vision tasks each --adapter is an output_dir of `deltatune train` and "
-        "--model is left out. Default: from the adapters' runs or task_type, else the model's architecture.",
+        help="seq-cls (/v1/classify), causal-lm (/v1/completions, /v1/chat/completions), rec (/v1/recommend), "
+        "image-cls, detection, segmentation, text-to-image (/v1/classify-image, /v1/detect, /v1/segment, "
+        "/v1/generate-image), or any task for /v1/predict; for rec and the vision tasks each --adapter is an "
+        "output_dir of `deltatune train` and --model is left out. Default: from the adapters' runs or task_type, "
+        "else the model's architecture.",
     ),
     admin_token: str = typer.Option(
         None, envvar="DELTATUNE_ADMIN_TOKEN", help="Bearer token for load/unload (unset: admin off)."
     ),
     protect_all: bool = typer.Option(False, help="Require the token on every endpoint but /health."),
-    adapter_root: str = typer.Option(".", help="Adapters loaded through the API must lie under this folder."),
+    adapter_root: str = typer.Option(
+        ".", help="Adapters loaded by name or through the API lie under this folder."
+    ),
+    max_adapters: int = typer.Option(
+        128, help="Adapters in memory; the least recently used idle one is evicted."
+    ),
     max_batch_size: int = typer.Option(32, help="Rows per forward pass, and texts per request."),
-    batch_window_ms: float = typer.Option(5.0, help="How long to gather requests into one batch."),
+    batching: str = typer.Option("continuous", help="continuous (join/leave per token) or static."),
+    batch_window_ms: float = typer.Option(
+        5.0, help="How long an idle server gathers requests into one batch."
+    ),
     max_input_tokens: int = typer.Option(512),
     max_new_tokens: int = typer.Option(256),
+    max_choices: int = typer.Option(8, help="OpenAI's n: choices per request."),
+    max_queue: int = typer.Option(256, help="Rows waiting for the model; more get 429 with Retry-After."),
+    request_timeout: float = typer.Option(120.0, help="Seconds before a request is dropped (504)."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Larger request bodies are refused (413) unread."),
+    threads: int = typer.Option(None, help="Torch threads for the model (default: half the CPUs)."),
+    max_connections: int = typer.Option(None, help="Open connections (default: under the descriptor limit)."),
 ):
-    """Serve many adapters over one shared base model over HTTP (OpenAPI docs at /docs)."""
+    """Serve many adapters over one shared base model over HTTP (OpenAI-compatible; docs at /docs)."""
     import uvicorn
 
-    from deltatune.apps.serve.app import ServeSettings, build_engine, create_app
+    from deltatune.apps.serve.app import ServeSettings, build_engine, create_app, server_options
     from deltatune.train.task_inference import infer_task
 
     adapters = {}
@@ -375,12 +390,22 @@ def serve(
         admin_token=admin_token,
         protect_all=protect_all,
         adapter_root=adapter_root,
+        max_adapters=max_adapters,
         max_batch_size=max_batch_size,
+        batching=batching,
         batch_window_ms=batch_window_ms,
         max_input_tokens=max_input_tokens,
         max_new_tokens=max_new_tokens,
+        max_choices=max_choices,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+        max_body_bytes=max_body_bytes,
+        threads=threads,
+        max_connections=max_connections,
     )
-    uvicorn.run(create_app(build_engine(model, adapters, task), settings), host=host, port=port)
+    uvicorn.run(
+        create_app(build_engine(model, adapters, task), settings), **server_options(settings, host, port)
+    )
 
 
 @app.command()

@@ -23,6 +23,7 @@ from helpers.models import (
     tiny_llama,
     tiny_mlp,
 )
+from helpers.serving import save_llama_adapters, serve_in_thread
 
 __all__ = [
     "CNN",
@@ -33,7 +34,9 @@ __all__ = [
     "WORDS",
     "ids",
     "randomize_adapter",
+    "save_llama_adapters",
     "sentiment_rows",
+    "serve_in_thread",
     "smollm2_path",
     "tiny_bert_cls",
     "tiny_bert_folder",

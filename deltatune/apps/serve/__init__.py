@@ -1,6 +1,16 @@
-"""Serving many adapters over one shared base model (`deltatune serve`)."""
+"""Serving many adapters over one shared base model (`deltatune serve`): see docs/serving.md."""
 
-from deltatune.apps.serve.app import ServeSettings, build_engine, create_app
-from deltatune.apps.serve.batching import Engine
+from deltatune.apps.serve.app import build_engine, create_app, server_config
+from deltatune.apps.serve.batching import Engine, Scheduler
+from deltatune.apps.serve.generation import SamplingParams
+from deltatune.apps.serve.server import ServeSettings
 
-__all__ = ["Engine", "ServeSettings", "build_engine", "create_app"]
+__all__ = [
+    "Engine",
+    "SamplingParams",
+    "Scheduler",
+    "ServeSettings",
+    "build_engine",
+    "create_app",
+    "server_config",
+]

@@ -129,16 +129,18 @@ class LoraLayer(AdapterLayer):
         return F.linear(h, self.base_weight())
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.row_adapters is not None and any(n in self.lora_magnitude_vector for n in self.row_adapters):
-            raise UnsupportedModelError(
-                "Mixed-adapter batches (row_adapters) do not support DoRA adapters; serve them alone."
-            )
+        if self.row_adapters is not None:  # a mixed-adapter batch (serving.py): active adapters play no part
+            if self.lora_magnitude_vector and any(
+                n in self.lora_magnitude_vector for n in set(self.row_adapters)
+            ):
+                raise UnsupportedModelError(
+                    "Mixed-adapter batches (row_adapters) do not support DoRA adapters; serve them alone."
+                )
+            return serving.mixed_forward(self, x, self.base_layer(x, *args, **kwargs))
         running = self.running_adapters()
-        if self.row_adapters is None and any(n in self.lora_magnitude_vector for n in running):
+        if any(n in self.lora_magnitude_vector for n in running):
             return dora.forward(self, x, running, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return serving.mixed_forward(self, x, result)
         for name in running:
             result = result + self._lora_update(name, x).to(result.dtype)
         return result
@@ -199,6 +201,8 @@ class LoraLinear(LoraLayer):
         return (b @ a) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:  # never fused; and no need to know the active adapters
+            return super().forward(x, *args, **kwargs)
         running = self.running_adapters()
         if can_fuse(self, x, running):
             name, base = running[0], self.base_layer
