@@ -13,7 +13,7 @@ of size vocabulary is kept for backward and nothing is recomputed. The value equ
 
 It applies to models whose logits are `lm_head(hidden)` with a frozen nn.Linear head (LoRA, IA3, adapters, ...);
 `fused_loss_parts` returns None for anything else (soft prompts, a trainable or wrapped head, logit soft-capping,
-a DistributedDataParallel wrapper) and the caller takes the usual path.
+a DistributedDataParallel or FSDP wrapper) and the caller takes the usual path.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from deltatune.method import Method
@@ -69,8 +70,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def _unwrap(model: nn.Module) -> nn.Module | None:
     """The transformers model under a deltatune PeftModel, or None when the wrapper's forward does more than call
-    it (soft prompts prepend virtual tokens) or when DDP must see the forward call to sync gradients."""
-    if isinstance(model, DistributedDataParallel):
+    it (soft prompts prepend virtual tokens) or when DDP / FSDP must see the forward call (to sync gradients, to
+    gather the root's parameter shards)."""
+    if isinstance(model, (DistributedDataParallel, FSDPModule)):  # their hooks run on the wrapper's forward
         return None
     if isinstance(model, PeftModel):
         if type(model.method).forward is not Method.forward:
@@ -99,12 +101,17 @@ def fused_loss_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Any], chunk_size: int = 1024) -> torch.Tensor | None:
     """Mean next-token cross-entropy over the labelled positions of `batch` (input_ids, attention_mask, labels
-    aligned with input_ids), or None when the model does not allow the fused path (see the module docstring)."""
+    aligned with input_ids; position_ids when packed), or None when the model does not allow the fused path (see the module docstring)."""
     parts = fused_loss_parts(model)
     if parts is None:
         return None
     backbone, head = parts
-    out = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    out = backbone(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),  # packed rows restart their positions
+        use_cache=False,
+    )
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100

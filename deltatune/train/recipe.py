@@ -90,6 +90,9 @@ class RunConfig:
     text_pair_column: str | None = None
     label_column: str | None = None
     max_length: int | None = None  # None: from the data (see choose_max_length)
+    packing: bool = (
+        False  # causal-lm: a batch's rows end to end in one sequence, no padding (train/packing.py)
+    )
     max_train_samples: int = 0  # 0: all rows; otherwise a seeded random subset
     max_eval_samples: int = 0
     split: list[float] = field(default_factory=lambda: [0.7, 0.2, 0.1])
@@ -248,6 +251,13 @@ def validate(raw: dict[str, Any]) -> dict[str, Any]:
             raise RecipeError(
                 f"Options under {other!r} belong to task {other!r}; this recipe uses task {task!r}."
             )
+    if raw.get("packing") and task != "causal-lm":
+        raise RecipeError("packing applies to task: causal-lm (rows of text put end to end); remove it here.")
+    if raw.get("packing") and "num_virtual_tokens" in option_names:
+        raise RecipeError(
+            f"packing cannot be used with {method}: its virtual tokens are prepended to each row, which cannot be "
+            "split inside a packed sequence. Set packing: false."
+        )
     lr = raw.get("lr", TrainConfig.lr)
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise RecipeError(

@@ -15,7 +15,9 @@ What it does beyond `loss.backward(); optimizer.step()`:
   `overwrite` clears it first, so a run never reads (or returns) another run's files;
 - the final adapter saved before the final evaluation, so a failing evaluation never loses the training;
 - data-parallel training under torchrun with DistributedDataParallel: each rank takes its share of the same global
-  batch, so N processes compute what one process would with the whole batch;
+  batch, so N processes compute what one process would with the whole batch; `strategy: fsdp` shards the model,
+  the gradients and the optimizer state instead (FSDP2; deltatune/train/distributed.py), with sharded checkpoints
+  that resume on any number of processes and the adapter gathered whole and saved once;
 - a progress bar, a JSONL log of every metric, TensorBoard events, a PNG of the curves and a summary.
 """
 
@@ -42,6 +44,7 @@ from torch import nn
 
 from deltatune.config import check_fields
 from deltatune.errors import CheckpointError, ConfigError, DataError, RunError
+from deltatune.train import distributed
 from deltatune.train.data import epoch_batches
 from deltatune.train.distill import distillation_loss
 from deltatune.train.schedules import Schedule, make_optimizer
@@ -61,6 +64,7 @@ RUN_FILES = (
     "tensorboard",
     "adapter_config.json",
     "adapter_model.safetensors",
+    distributed.SHARDS,
 )
 CHECKPOINTS = (CHECKPOINT, BEST)
 # TrainConfig fields that change how a run is executed, logged or saved, not the numbers it computes; every other
@@ -81,6 +85,8 @@ NOT_IN_FINGERPRINT = {
     "num_threads",
     "gradient_checkpointing",
     "load_best_at_end",
+    "strategy",  # how the same global batch is spread over the processes, not what it computes
+    "cpu_offload",
 }
 
 
@@ -141,6 +147,10 @@ class TrainConfig:
     tensorboard: bool = True
     plot: bool = True
     device: str = "auto"
+    strategy: str = (
+        "ddp"  # with several processes: ddp (whole model on each) | fsdp (sharded; distributed.py)
+    )
+    cpu_offload: bool = False  # fsdp on a GPU: parameter shards, gradients and optimizer state in CPU memory
     num_threads: int = 0  # CPU threads for torch; 0 keeps torch's default. 1 is far faster on a busy machine.
 
     def __post_init__(self) -> None:
@@ -162,6 +172,17 @@ class TrainConfig:
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.strategy not in distributed.STRATEGIES:
+            raise ConfigError(
+                f"strategy must be one of {', '.join(distributed.STRATEGIES)}, got {self.strategy!r}."
+            )
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ConfigError("cpu_offload offloads parameter shards; it needs strategy: fsdp.")
+        if self.strategy == "fsdp" and self.optimizer.lower() not in ("adamw", "adam", "sgd"):
+            raise ConfigError(
+                f"optimizer {self.optimizer!r} keeps whole-tensor state (bitsandbytes); strategy: fsdp shards the "
+                "parameters, so use adamw, adam or sgd (their state is sharded with them)."
+            )
         if self.resume and self.overwrite:
             raise ConfigError(
                 "resume and overwrite contradict each other: resume continues the run in output_dir, overwrite "
@@ -181,16 +202,6 @@ class _Position:
     stopped_early: bool = False
     elapsed: float = 0.0
     extra: dict = field(default_factory=dict)
-
-
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); starts the process group under torchrun (gloo on CPU, NCCL on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
 
 
 def seed_everything(seed: int) -> None:
@@ -336,7 +347,7 @@ class Trainer:
         self.model, self.task, self.teacher = model, task, teacher
         self.train_features, self.eval_features = train_features, eval_features
         self.callbacks = list(callbacks)
-        self.rank, self.world, self.local_rank = _distributed()
+        self.rank, self.world, self.local_rank = distributed.init_process_group(self.config.strategy)
         self.device = self._pick_device()
         self.pos = _Position()
         self._evaluated_at: int | None = None  # the step of the last evaluation
@@ -355,6 +366,11 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """strategy: fsdp: parameters, gradients and optimizer state are split across the processes."""
+        return self.config.strategy == "fsdp"
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -396,7 +412,10 @@ class Trainer:
             raise ValueError("fp16 autocast needs a CUDA device; use precision: bf16 on CPU.")
         if c.num_threads > 0:
             torch.set_num_threads(c.num_threads)
-        self.model.to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if not self.sharded:
+            self.model.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device).eval()
             if hasattr(self.task, "fused_loss"):
@@ -406,6 +425,10 @@ class Trainer:
             if not hasattr(base, "gradient_checkpointing_enable"):
                 raise ValueError(f"{type(base).__name__} does not support gradient checkpointing.")
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.sharded:  # before the optimizer: fully_shard replaces the parameters by their shards
+            distributed.shard_model(
+                self.model, self.device, torch.bfloat16 if c.precision == "bf16" else None, c.cpu_offload
+            )
         params = list(self.trainable().values())
         if not params:
             raise ValueError("The model has no trainable parameters; check the method's options.")
@@ -416,7 +439,7 @@ class Trainer:
             self.optimizer, c.scheduler, self.total_steps, warmup, c.min_lr, c.gamma, c.max_lr
         )
         self.scaler = torch.amp.GradScaler("cuda") if c.precision == "fp16" else None
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             ids = [self.local_rank] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if self.is_main:
@@ -426,13 +449,21 @@ class Trainer:
     def fingerprint(self) -> dict[str, Any]:
         """Everything that determines the run's trajectory: the config's trajectory fields, the world size, the
         size of the training set and of the trainable tensors, and the caller's `run_fingerprint`."""
-        fields = {k: v for k, v in asdict(self.config).items() if k not in NOT_IN_FINGERPRINT}
+        fields = {
+            k: v for k, v in asdict(self.config).items() if k not in NOT_IN_FINGERPRINT | {"batch_size"}
+        }
         trainable = self.trainable()
+        global_batch, rows = self.config.batch_size * self.world, len(self.train_features)
         return flatten(
             {
                 **fields,
-                "world_size": self.world,
-                "train_rows": len(self.train_features),
+                # the global batch and the batches of an epoch, not how many processes share them: a run saved
+                # by 2 processes of batch 4 resumes on 1 process of batch 8
+                "global_batch_size": global_batch,
+                "batches_per_epoch": rows // global_batch
+                if self.world > 1
+                else math.ceil(rows / global_batch),
+                "train_rows": rows,
                 "trainable_tensors": len(trainable),
                 "trainable_params": sum(p.numel() for p in trainable.values()),
                 **self.run_fingerprint,
@@ -441,11 +472,19 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """checkpoint-last.pt, replaced atomically. Under fsdp every process first writes its shards of the weights
+        and optimizer state to a new folder, which checkpoint-last.pt then names (so the rename commits both)."""
+        if self.sharded:
+            tensors = {"sharded": self._save_shards()}
+        elif self.is_main:
+            tensors = {
+                "weights": {n: p.detach().cpu().clone() for n, p in self.trainable().items()},
+                "optimizer": self.optimizer.state_dict(),
+            }
         if not self.is_main:
             return
         state = {
-            "weights": {n: p.detach().cpu().clone() for n, p in self.trainable().items()},
-            "optimizer": self.optimizer.state_dict(),
+            **tensors,
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": _rng_state(),
@@ -454,6 +493,13 @@ class Trainer:
             "fingerprint": self.fingerprint(),
         }
         atomic_save(state, os.path.join(self.config.output_dir, CHECKPOINT))
+        if self.sharded:
+            distributed.drop_old_shards(self.config.output_dir, keep=state["sharded"])
+
+    def _save_shards(self) -> str:
+        return distributed.save_sharded(
+            self.model, self.optimizer, self.trainable(), self.config.output_dir, self.pos.global_step
+        )
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         params = self.trainable()
@@ -465,18 +511,18 @@ class Trainer:
             )
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(weights[name].to(p.device, p.dtype))
+                p.copy_(distributed.like_param(weights[name], p))
 
     def resume(self) -> bool:
         """Load checkpoint-last.pt if there is one; True when the run continues from it."""
         path = os.path.join(self.config.output_dir, CHECKPOINT)
         if not os.path.exists(path):
             return False
-        state = load_checkpoint(path, ("weights", "optimizer", "schedule", "scaler", "position", "rng"))
+        # the weights and optimizer state are checked by _load_trained_state: under fsdp the file names its shards
+        state = load_checkpoint(path, ("schedule", "scaler", "position", "rng"))
         self._check_fingerprint(state.get("fingerprint"))
         try:
-            self._load_weights(state["weights"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_trained_state(state)
             self.schedule.load_state_dict(state["schedule"])
             if self.scaler and state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])
@@ -491,6 +537,21 @@ class Trainer:
         if self.is_main:  # drop what the killed run logged after its last checkpoint
             self._write_log(self.history)
         return True
+
+    def _load_trained_state(self, state: dict[str, Any]) -> None:
+        """The weights and optimizer state of a checkpoint: whole tensors (ddp, one process) or shards (fsdp)."""
+        if ("sharded" in state) != self.sharded:
+            written = "strategy: fsdp" if "sharded" in state else "strategy: ddp (or one process)"
+            raise CheckpointError(
+                f"{self.config.output_dir}'s checkpoint was written under {written}; resume it with that strategy."
+            )
+        if self.sharded:
+            distributed.load_sharded(
+                self.model, self.optimizer, self.trainable(), self.config.output_dir, state["sharded"]
+            )
+        else:
+            self._load_weights(state["weights"])
+            self.optimizer.load_state_dict(state["optimizer"])
 
     def _check_fingerprint(self, saved: dict[str, Any] | None) -> None:
         """Refuse to continue a checkpoint written with other settings (each change listed), unless asked to."""
@@ -587,7 +648,8 @@ class Trainer:
         for i, rows in enumerate(micro_batches):
             batch = to_device(self.task.collate([self.train_features[j] for j in rows]), self.device)
             last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
+            ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+            sync = self.model.no_sync() if ddp and not last else contextlib.nullcontext()
             with sync:
                 loss, n = self._micro_loss(batch)
                 scaled = loss / len(micro_batches)
@@ -604,7 +666,8 @@ class Trainer:
         # zero_grad; it gets the 0-based index of the step just taken, as in peft's update_and_allocate loop.
         hook = getattr(self.unwrapped, "on_optimizer_step", None)
         if callable(hook):
-            hook(self.pos.global_step)
+            with self._whole_adapter_if_sharded():
+                hook(self.pos.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:  # every rank logs (and the loss-adaptive rule uses) the global batch's loss
             t = torch.tensor([total, float(tokens)], device=self.device)
@@ -615,19 +678,28 @@ class Trainer:
         self.pos.global_step += 1
         return {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
+    def _whole_adapter_if_sharded(self):
+        """Under fsdp, a method that adapts while training (AdaLoRA) sees and edits whole adapter tensors."""
+        if not (self.sharded and distributed.adapts_while_training(self.unwrapped)):
+            return contextlib.nullcontext()
+        model = self.unwrapped
+        owned = [t for name in model.peft_config for t in model.adapter_entries(name).values()]
+        return distributed.whole_parameters(model, owned, update=True)
+
     def _clip(self) -> float:
         params = list(self.trainable().values())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return distributed.clip_grad_norm(params, max_norm)
 
     # --- evaluation -----------------------------------------------------------------------------
     def evaluate(self, features: Sequence[Any] | None = None, prefix: str = "eval") -> dict[str, Any]:
-        """Scores on `features` (default: the eval set), computed on rank 0 and shared with every rank."""
+        """Scores on `features` (default: the eval set), computed on rank 0 and shared with every rank (under
+        fsdp every rank computes them: each forward needs every rank's shards)."""
         features = self.eval_features if features is None else features
         result: list[Any] = [None]
-        if self.is_main and features:
+        if (self.is_main or self.sharded) and features:
             model = self.unwrapped
             was_training = model.training
             model.eval()
@@ -636,8 +708,9 @@ class Trainer:
                     model, features, self.config.eval_batch_size or 2 * self.config.batch_size
                 )
             model.train(was_training)
+            distributed.reshard(model)
             result[0] = {f"{prefix}_{k.removeprefix('eval_')}": v for k, v in scores.items()}
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             dist.broadcast_object_list(result, src=0)
         return result[0] or {}
 
@@ -659,8 +732,8 @@ class Trainer:
         best = self.pos.best_metric
         if best is None or (value > best if greater else value < best):
             self.pos.best_metric, self.pos.bad_evals = value, 0
+            weights = distributed.gather_full(self.trainable())  # whole tensors, also when sharded
             if self.is_main:
-                weights = {n: p.detach().cpu().clone() for n, p in self.trainable().items()}
                 atomic_save(
                     {"weights": weights, "step": self.pos.global_step, name: value},
                     os.path.join(self.config.output_dir, BEST),
@@ -690,8 +763,10 @@ class Trainer:
                 open(os.path.join(c.output_dir, LOG), "w").close()
             seed_everything(c.seed)  # the RNG stream a resumed run restores starts here
         self.writer = self._open_writer()
-        if c.progress and self.is_main and not self._done():
-            print(self.eta_report(), file=sys.stderr)
+        if c.progress and (self.is_main or self.sharded) and not self._done():
+            eta = self.eta_report()  # under fsdp every process runs the forward: each holds shards it needs
+            if self.is_main:
+                print(eta, file=sys.stderr)
         progress = self._progress()
         start, window_tokens, window_start = time.time() - self.pos.elapsed, 0, time.time()
         while not self._done():
@@ -740,10 +815,18 @@ class Trainer:
         return self._finish(time.time() - start)
 
     def save_model(self) -> None:
-        """Write the trained model (a PeftModel: its adapter) to output_dir, if it can save itself."""
-        if self.is_main and hasattr(self.unwrapped, "save_pretrained"):
-            self.unwrapped.save_pretrained(self.config.output_dir)
-            self.task.on_save(self.unwrapped, self.config.output_dir)  # extra files (diffusers' LoRA)
+        """Write the trained model (a PeftModel: its adapter) to output_dir, if it can save itself. Under fsdp
+        every rank gathers the adapter's whole tensors and rank 0 alone writes them: never a shard, never empty."""
+        model = self.unwrapped
+        if not hasattr(model, "save_pretrained"):
+            return
+        owned = [
+            t for name in getattr(model, "peft_config", {}) for t in model.adapter_entries(name).values()
+        ]
+        with distributed.whole_parameters(model, owned or list(self.trainable().values())):
+            if self.is_main:
+                model.save_pretrained(self.config.output_dir)
+                self.task.on_save(model, self.config.output_dir)  # extra files (diffusers' LoRA)
 
     @torch.no_grad()
     def eta_report(self) -> str:
@@ -763,6 +846,8 @@ class Trainer:
                 self.task.loss(model, batch)
             times.append(time.perf_counter() - begin)
         model.train(was_training)
+        if self.sharded:
+            distributed.reshard(model)  # no backward follows to free the gathered root unit
         remaining = self.total_steps - self.pos.global_step
         seconds = 3 * min(times) * len(micro) * remaining
         return (
@@ -791,6 +876,20 @@ class Trainer:
         )
 
     # --- the end --------------------------------------------------------------------------------
+    def _bytes_per_rank(self) -> dict[str, list[float]]:
+        """What each process holds: parameter and optimizer-state bytes (its shards under fsdp) and peak memory."""
+        mine = (
+            distributed.local_bytes(self.unwrapped.parameters()),
+            distributed.optimizer_bytes(self.optimizer),
+            peak_memory_mb(self.device),
+        )
+        ranks = _gather(mine, self.world)
+        return {
+            "param_bytes_per_rank": [r[0] for r in ranks],
+            "optimizer_bytes_per_rank": [r[1] for r in ranks],
+            "peak_memory_mb_per_rank": [r[2] for r in ranks],
+        }
+
     def _finish(self, wall_time: float) -> dict[str, Any]:
         c = self.config
         best_path = os.path.join(c.output_dir, BEST)
@@ -813,6 +912,8 @@ class Trainer:
             "wall_time_s": wall_time,
             "peak_memory_mb": peak_memory_mb(self.device),
             "world_size": self.world,
+            "strategy": self.config.strategy,
+            **self._bytes_per_rank(),
             "final": {k: v for k, v in final.items()},
         }
         if self.is_main:
@@ -838,6 +939,13 @@ def format_duration(seconds: float) -> str:
     if seconds < 90 * 60:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _gather(value: Any, world: int) -> list[Any]:
+    out = [value] * world
+    if world > 1:
+        dist.all_gather_object(out, value)
+    return out
 
 
 def plot_curves(history: list[dict[str, Any]], path: str) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.train.data import LabelMap, pad_batch
+from deltatune.train.distributed import compute_device
 
 
 @dataclass
@@ -53,7 +54,9 @@ def _batches(items: Sequence[Any], size: int):
 
 def _device_of(model: nn.Module) -> torch.device:
     try:
-        return next(model.parameters()).device
+        return compute_device(
+            next(model.parameters())
+        )  # a sharded model's CPU-offloaded shards compute on the GPU
     except StopIteration:
         return torch.device("cpu")
 

@@ -12,6 +12,7 @@ from torch import nn
 from deltatune.train import metrics as M
 from deltatune.train.data import DataError, LabelMap, conversation, render_prompt, tokenize_instruction
 from deltatune.train.losses import causal_lm_loss
+from deltatune.train.packing import attention_inputs, pack
 from deltatune.train.tasks.base import (
     StepOutput,
     Task,
@@ -24,7 +25,8 @@ from deltatune.train.tasks.base import (
 
 class CausalLMTask(Task):
     """Instruction tuning: Alpaca rows or chat `messages`; the loss is on the assistant's tokens only.
-    Evaluation adds greedy generations scored by exact match, BLEU and chrF."""
+    Evaluation adds greedy generations scored by exact match, BLEU and chrF. With `packing`, the rows of a batch
+    are put end to end in one sequence without padding (deltatune/train/packing.py)."""
 
     name = "causal-lm"
     metric = "eval_loss"
@@ -32,13 +34,19 @@ class CausalLMTask(Task):
 
     @classmethod
     def from_run(cls, run: Any, tokenizer: Any, labels: LabelMap | None) -> CausalLMTask:
-        return cls(tokenizer, run.max_length, run.max_new_tokens, run.generate_samples)
+        return cls(tokenizer, run.max_length, run.max_new_tokens, run.generate_samples, run.packing)
 
     def __init__(
-        self, tokenizer: Any, max_length: int = 512, max_new_tokens: int = 64, generate_samples: int = 32
+        self,
+        tokenizer: Any,
+        max_length: int = 512,
+        max_new_tokens: int = 64,
+        generate_samples: int = 32,
+        packing: bool = False,
     ) -> None:
         super().__init__(tokenizer, max_length)
         self.max_new_tokens, self.generate_samples = max_new_tokens, generate_samples
+        self.packing = packing
 
     def prepare(self, table, source: str = "the data") -> list[dict[str, Any]]:
         features = []
@@ -59,19 +67,25 @@ class CausalLMTask(Task):
         return features
 
     def collate(self, features):
-        return super().collate([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        rows = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+        return pack(rows) if self.packing else super().collate(rows)
 
     # Score only the response tokens without building full logits (losses.py); off when logits are needed
     # (distillation compares them with a teacher's).
     fused_loss = True
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-        tokens = int(batch["attention_mask"].sum())
+        if "position_ids" in batch:  # packed: one row, no padding
+            batch = {**batch, **attention_inputs(model, batch["position_ids"])}
+            tokens = batch["input_ids"].numel()
+        else:
+            tokens = int(batch["attention_mask"].sum())
         if self.fused_loss:
             fused = causal_lm_loss(model, batch)
             if fused is not None:
                 return StepOutput(fused, None, None, tokens)
-        logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        logits = logits_of(model(**inputs))
         logits = real_token_logits(logits, batch["labels"])
         shifted = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], 1)
         loss = F.cross_entropy(
