@@ -91,6 +91,9 @@ def run_deltatune(model, data, steps: int, warmup: int) -> list[float]:
             log_every=1,
             save_every=10**9,
             seed=0,
+            progress=False,  # the GPU machine has neither rich nor matplotlib
+            plot=False,
+            tensorboard=False,
         )
         Trainer(
             peft_model,

@@ -62,3 +62,122 @@ def test_paged_adamw_trains_lora():
     model = dt.get_peft_model(tiny_llama().cuda(), dt.LoraConfig(r=4, target_modules="all-linear"))
     losses = _train(model, optimizer_name="paged_adamw")
     assert losses[-1] < losses[0]
+
+
+# --- sharding (FSDP2) and packing on the GPU ----------------------------------------------------------------
+def _token_rows(n=8, length=24, prompt=4):
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randint(4, 64, (n, length), generator=g).tolist()
+    return [{"input_ids": r, "labels": [-100] * prompt + r[prompt:]} for r in rows]
+
+
+def _fit(out, steps=6, **options):
+    """LoRA on a tiny Llama trained by deltatune's Trainer; returns (model, losses, dtypes a LoRA layer computed in).
+    strategy: fsdp here runs as a one-process group (world size 1): the same sharding code, policies and offload."""
+    import json
+
+    from deltatune.train import CausalLMTask, TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules="all-linear"))
+    seen = []
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_A.default"))
+    lora_a.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
+    config = TrainConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        batch_size=4,
+        lr=1e-2,
+        progress=False,
+        tensorboard=False,
+        plot=False,
+        **options,
+    )
+    rows = _token_rows()
+    Trainer(model, CausalLMTask(None, generate_samples=0), rows, rows[:4], config).train()
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    return model, [r["loss"] for r in log if "loss" in r], set(seen)
+
+
+def test_fsdp_bf16_mixed_precision_and_gradient_checkpointing(tmp_path):
+    """Parameters gathered and computed in bf16 (fp32 shards, fp32 gradient reduction) track bf16 autocast on an
+    unsharded model, and the adapter is saved whole in float32."""
+    from safetensors.torch import load_file
+
+    _, reference, _ = _fit(tmp_path / "autocast", precision="bf16")
+    _, sharded, dtypes = _fit(
+        tmp_path / "fsdp", precision="bf16", strategy="fsdp", gradient_checkpointing=True
+    )
+    assert torch.bfloat16 in dtypes
+    assert sharded == pytest.approx(reference, rel=3e-2) and sharded[-1] < sharded[0]
+    saved = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")
+    assert len(saved) == 28 and all(t.dtype == torch.float32 for t in saved.values())
+    assert saved.keys() == load_file(tmp_path / "autocast" / "adapter_model.safetensors").keys()
+
+
+def test_fsdp_cpu_offload_trains_like_the_gpu_shards(tmp_path):
+    from torch.distributed.tensor import DTensor
+
+    _, on_gpu, _ = _fit(tmp_path / "gpu", strategy="fsdp")
+    model, offloaded, _ = _fit(tmp_path / "offload", strategy="fsdp", cpu_offload=True)
+    shard = next(p for p in model.parameters() if isinstance(p, DTensor))
+    assert shard.to_local().device.type == "cpu"
+    assert offloaded == pytest.approx(on_gpu, rel=1e-4)
+
+
+def test_fsdp_qlora_on_cuda(tmp_path):
+    """4-bit weights stay whole on each process (not sharded); the adapter and the rest are sharded."""
+    pytest.importorskip("bitsandbytes")
+    from deltatune.train import CausalLMTask, TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    base = dt.quantize(tiny_llama(hidden_size=64, intermediate_size=128).cuda(), "nf4")
+    model = dt.get_peft_model(base, dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    config = TrainConfig(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        batch_size=4,
+        lr=1e-2,
+        strategy="fsdp",
+        progress=False,
+        tensorboard=False,
+        plot=False,
+    )
+    summary = Trainer(model, CausalLMTask(None), _token_rows(), None, config).train()
+    assert summary["steps"] == 6 and (tmp_path / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_with_sdpa_on_cuda(dtype):
+    """A packed batch (block mask through SDPA on the GPU) computes the padded batch's loss and gradients."""
+    from deltatune.train import CausalLMTask
+
+    torch.manual_seed(0)
+    model = dt.get_peft_model(
+        tiny_llama(attn_implementation="sdpa").cuda(), dt.LoraConfig(r=4, target_modules="all-linear")
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    features = []
+    for n in (7, 19, 3, 12):
+        row = torch.randint(1, 60, (n,), generator=g).tolist()
+        features.append({"input_ids": row, "labels": [-100, -100] + row[2:]})
+    results = []
+    for packing in (False, True):
+        task = CausalLMTask(None, packing=packing)
+        model.zero_grad()
+        batch = {k: v.cuda() for k, v in task.collate(features).items()}
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            loss = task.loss(model, batch).loss
+        loss.backward()
+        results.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        )
+    (padded, grads_a), (packed, grads_b) = results
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-3)
+    torch.testing.assert_close(packed, padded, **tol)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], **tol)

@@ -10,6 +10,7 @@ of order 0.1 to 1), while each moved by more than 1e-3 from its initial value. L
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -181,7 +182,16 @@ def _log(folder):
     return [json.loads(line) for line in open(folder / "log.jsonl")]
 
 
-def test_torchrun_fsdp_recipe_matches_one_process_and_loads_in_peft(llama_recipe, tmp_path):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_torchrun_fsdp_recipe_matches_one_process_and_loads_in_peft(llama_recipe, tmp_path):
+    """The multi-node command of the README on one machine: two torchrun agents ("nodes", one process each)
+    meet through a c10d rendezvous and train the recipe with strategy: fsdp, batch 4 each; one process with
+    batch 8 and no sharding is the reference."""
     from peft import PeftModel as PeftPeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -189,29 +199,27 @@ def test_torchrun_fsdp_recipe_matches_one_process_and_loads_in_peft(llama_recipe
     from deltatune.train.recipe import load_recipe, train_from_recipe
 
     root = llama_recipe
-    train_from_recipe(
-        load_recipe(str(root / "recipe.yaml"), ["--batch_size", "8", "--output_dir", str(tmp_path / "one")])
-    )
-    two = subprocess.run(
-        [
-            *TORCHRUN,
-            "-m",
-            "deltatune",
-            "train",
-            root / "recipe.yaml",
-            "--strategy",
-            "fsdp",
-            "--batch_size",
-            "4",
-        ]
-        + ["--output_dir", tmp_path / "two"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    one_args = ["--batch_size", "8", "--output_dir", str(tmp_path / "one")]
+    train_from_recipe(load_recipe(str(root / "recipe.yaml"), one_args))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    torchrun += [
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv-id",
+        "fsdp-test",
+    ]
+    command = [*torchrun, "-m", "deltatune", "train", root / "recipe.yaml", "--strategy", "fsdp"]
+    command += ["--batch_size", "4", "--output_dir", tmp_path / "two"]
+    nodes = [
+        subprocess.Popen(
+            command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+        )
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     a = load_file(tmp_path / "one" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) == 28  # 7 linear layers x 2 blocks x (A, B): whole, not shards

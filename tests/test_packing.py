@@ -107,3 +107,51 @@ def test_soft_prompts_are_refused():
     task = CausalLMTask(None, packing=True)
     with pytest.raises(ConfigError, match="virtual tokens"):
         task.loss(model, task.collate(rows()))
+
+
+def test_recipe_key_packing_trains_the_same_losses(tmp_path):
+    """`packing: true` in a recipe reaches the causal-LM task: the same steps give the same losses."""
+    import json
+
+    from helpers import tiny_llama_folder
+
+    from deltatune.train.recipe import load_recipe, train_from_recipe
+
+    tiny_llama_folder(str(tmp_path / "llama"))
+    rows = [
+        {"instruction": "say", "input": w, "output": f"{w} film"} for w in ("good", "bad", "very fun", "sad")
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 2))
+    (tmp_path / "dev.jsonl").write_text(
+        json.dumps({"instruction": "say", "input": "fine", "output": "fine film"})
+    )
+    base = {
+        "model": str(tmp_path / "llama"),
+        "task": "causal-lm",
+        "train_file": str(tmp_path / "train.jsonl"),
+        "eval_file": str(tmp_path / "dev.jsonl"),
+        "generate_samples": 0,
+        "max_steps": 2,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "progress": False,
+        "tensorboard": False,
+        "plot": False,
+        "clean": {"drop_duplicates": False},
+    }
+    losses = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        train_from_recipe(load_recipe(None, {**base, "packing": packing, "output_dir": str(out)}))
+        losses[packing] = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
+        losses[packing].append(json.load(open(out / "metrics.json"))["eval_loss"])  # evaluation packs too
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5) and len(losses[True]) == 3
+
+
+def test_recipes_refuse_packing_where_it_cannot_apply():
+    from deltatune.train.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="packing applies to task: causal-lm"):
+        load_recipe(None, {"model": "m", "task": "seq-cls", "packing": True})
+    with pytest.raises(RecipeError, match="virtual tokens"):
+        load_recipe(None, {"model": "m", "task": "causal-lm", "method": "prompt_tuning", "packing": True})

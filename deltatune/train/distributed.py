@@ -92,7 +92,8 @@ def shard_model(
     optimizer state) live in CPU memory and are copied to the device unit by unit."""
     if cpu_offload and device.type != "cuda":
         raise ConfigError("cpu_offload moves parameter shards off a GPU; it needs a CUDA device.")
-    quantized = {p for m in model.modules() if is_quantized(m) for p in m.parameters(recurse=False)}
+    quantized_layers = [m for m in model.modules() if is_quantized(m)]
+    quantized = {p for m in quantized_layers for p in m.parameters(recurse=False)}
     dtypes = {p.dtype for p in model.parameters() if p not in quantized}
     if param_dtype is None and len(dtypes) > 1:
         raise ConfigError(
@@ -105,9 +106,8 @@ def shard_model(
         offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
         ignored_params=quantized or None,
     )
-    if not cpu_offload:
-        for p in quantized:  # they are not sharded, so fully_shard does not move them
-            p.data = p.data.to(device)
+    for layer in quantized_layers:  # not sharded, so fully_shard does not move them (nor offload them)
+        layer.to(device)
     blocks = block_classes(model)
     for module in list(model.modules()):
         if type(module).__name__ in blocks and module is not model:
