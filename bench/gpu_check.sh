@@ -28,13 +28,13 @@ if [ -n "${BNB_WHEEL:-}" ]; then "$PY" -m pip install -q --no-deps "$BNB_WHEEL" 
 cat "$OUT/env.txt"
 status=0
 echo "== pytest -m cuda tests/test_cuda.py"
-timeout 240 "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider --junitxml "$OUT/pytest.xml" \
+timeout 200 "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider --junitxml "$OUT/pytest.xml" \
     > "$OUT/pytest.txt" 2>&1 || status=1
 tail -n 40 "$OUT/pytest.txt"
 echo "== bench/gpu_sft.py"
 tiny=()
 if [ -n "${GPU_CHECK_TINY:-}" ]; then tiny=(--tiny --steps 2 --warmup 1 --seq-len 64); fi
-timeout 330 "$PY" bench/gpu_sft.py --out "$OUT" "${tiny[@]}" > "$OUT/gpu_sft.txt" 2>&1 || status=1
+timeout 260 "$PY" bench/gpu_sft.py --out "$OUT" "${tiny[@]}" > "$OUT/gpu_sft.txt" 2>&1 || status=1
 tail -n 12 "$OUT/gpu_sft.txt"
 if grep -q '"error"' "$OUT/gpu_sft.json" 2>/dev/null; then status=1; fi
 exit $status

@@ -9,7 +9,7 @@ each under torchrun and the same global batch:
   sharding, gc and malloc_trim);
 - median step time (after the first step), and the loss curve of each run against the one-process run;
 - a projection from the measured bytes per parameter per process to 8B and 70B models on 8 GPUs.
-It also runs the instruction recipe padded and packed (one process, same batches) and reports tokens/s.
+It also runs the instruction recipe's batches padded and packed in lockstep (one process) and reports tokens/s.
 
 This box is a shared 2-core machine: 2 and 4 processes of one thread each share 2 cores with other work, so
 step times measure contention as much as scaling; the load average is recorded with every run.
@@ -100,7 +100,7 @@ def worker(a) -> None:
         batch_size=a.global_batch // world,
         lr=2e-3,  # the instruction recipe's
         warmup_steps=2,
-        strategy=a.strategy,
+        strategy="fsdp",
         num_threads=1,
         progress=False,
         tensorboard=False,
@@ -109,7 +109,7 @@ def worker(a) -> None:
         save_every=10**9,
         seed=0,
     )
-    task = CausalLMTask(tokenizer, max_length=a.max_length, packing=a.packing)
+    task = CausalLMTask(tokenizer, max_length=a.max_length)
     trainer = Trainer(
         model, task, rows, None, config, callbacks=[lambda t, r: stamps.append(time.perf_counter())]
     )
@@ -124,8 +124,6 @@ def worker(a) -> None:
         log = [json.loads(line) for line in open(os.path.join(a.out, "log.jsonl"))]
         result = {
             "procs": world,
-            "strategy": a.strategy,
-            "packing": a.packing,
             "global_batch": a.global_batch,
             "steps": a.steps,
             "step_s": steps,
@@ -144,10 +142,10 @@ def worker(a) -> None:
             json.dump(result, fh)
 
 
-def launch(procs: int, steps: int, global_batch: int, max_length: int, strategy: str, packing: bool) -> dict:
+def launch(procs: int, steps: int, global_batch: int, max_length: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [__file__, "--worker", "--out", out, "--steps", str(steps), "--global-batch", str(global_batch)]
-        cmd += ["--max-length", str(max_length), "--strategy", strategy] + (["--packing"] if packing else [])
+        cmd += ["--max-length", str(max_length)]
         if procs > 1:
             cmd = [
                 sys.executable,
@@ -169,6 +167,63 @@ def launch(procs: int, steps: int, global_batch: int, max_length: int, strategy:
             result = json.load(fh)
     result.update(loadavg_before=before, loadavg_after=loadavg(), wall_s=time.time() - started)
     print(json.dumps({k: v for k, v in result.items() if k not in ("step_s", "tokens_per_s")}), flush=True)
+    return result
+
+
+# --- packing, lockstep -------------------------------------------------------------------------------------
+def packing_lockstep(steps: int, global_batch: int, max_length: int) -> dict:
+    """Padded and packed forward + backward on the same batches, alternating (and swapping the order each
+    step) in one process, so load on the machine hits both alike; the instruction recipe's batches."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import deltatune as dt
+    from deltatune.train import CausalLMTask
+    from deltatune.train.data import epoch_batches
+
+    torch.set_num_threads(1)
+    folder = model_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = features(tokenizer, max_length, steps * global_batch)
+    torch.manual_seed(0)
+    model = dt.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(folder),
+        dt.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+    )
+    tasks = {
+        "padded": CausalLMTask(tokenizer, max_length),
+        "packed": CausalLMTask(tokenizer, max_length, packing=True),
+    }
+    lengths = [len(r["input_ids"]) for r in rows]
+    batches = epoch_batches(lengths, global_batch, seed=0, epoch=0)[:steps]
+    seconds: dict[str, list[float]] = {name: [] for name in tasks}
+    losses: dict[str, list[float]] = {name: [] for name in tasks}
+    before = loadavg()
+    for i, batch in enumerate(batches):
+        for name in sorted(tasks, reverse=i % 2 == 1):
+            start = time.perf_counter()
+            loss = tasks[name].loss(model, tasks[name].collate([rows[j] for j in batch])).loss
+            loss.backward()
+            seconds[name].append(time.perf_counter() - start)
+            losses[name].append(float(loss))
+            model.zero_grad(set_to_none=True)
+    real = sum(lengths[j] for b in batches for j in b)
+    padded = sum(len(b) * max(lengths[j] for j in b) for b in batches)
+    result = {
+        "steps": len(batches),
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "padding_share": 1 - real / padded,
+        "max_loss_diff": max(abs(a - b) for a, b in zip(losses["padded"], losses["packed"])),
+        "loadavg_before": before,
+        "loadavg_after": loadavg(),
+    }
+    for name in tasks:
+        result[name] = {
+            "median_s": statistics.median(seconds[name]),
+            "tokens_per_s": real / sum(seconds[name]),
+        }
+    print(json.dumps(result), flush=True)
     return result
 
 
@@ -261,17 +316,18 @@ def markdown(report: dict) -> str:
     if packing:
         lines += [
             "",
-            f"Packing, one process (no sharding), batch {report['global_batch']}, {packing['padded']['steps']} "
-            "steps, same batches; tokens/s counts real (non-pad) tokens, median over the steps after the first:",
+            f"Packing (`packing: true`), one process, forward + backward of the same {packing['steps']} batches of "
+            f"{report['global_batch']} rows, padded and packed alternating step by step (order swapped each step); "
+            f"padding is {100 * packing['padding_share']:.0f}% of the padded batches' tokens; tokens/s counts real "
+            f"tokens; largest loss difference padded vs packed {packing['max_loss_diff']:.1e}; load avg "
+            f"{packing['loadavg_before']} -> {packing['loadavg_after']}.",
             "",
-            "| batches | tokens/s | median step s | first-step loss | load avg (before -> after) |",
-            "|---|---:|---:|---:|---|",
+            "| batches | tokens/s | median step s |",
+            "|---|---:|---:|",
         ]
         for name in ("padded", "packed"):
-            p = packing[name]
             lines.append(
-                f"| {name} | {statistics.median(p['tokens_per_s'][1:]):.0f} | {p['median_step_s']:.2f} "
-                f"| {p['losses'][0]:.5f} | {p['loadavg_before']} -> {p['loadavg_after']} |"
+                f"| {name} | {packing[name]['tokens_per_s']:.0f} | {packing[name]['median_s']:.2f} |"
             )
     lines += [
         "",
@@ -321,8 +377,6 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rows", type=int, default=400)
-    parser.add_argument("--strategy", default="fsdp")
-    parser.add_argument("--packing", action="store_true")
     a = parser.parse_args()
     if a.worker:
         worker(a)
@@ -338,15 +392,10 @@ def main() -> None:
         "global_batch": a.global_batch,
         "max_length": a.max_length,
         "steps": a.steps,
-        "runs": [
-            launch(int(n), a.steps, a.global_batch, a.max_length, "fsdp", False) for n in a.procs.split(",")
-        ],
+        "runs": [launch(int(n), a.steps, a.global_batch, a.max_length) for n in a.procs.split(",")],
     }
     if a.packing_steps:
-        report["packing"] = {
-            name: launch(1, a.packing_steps, a.global_batch, a.max_length, "ddp", name == "packed")
-            for name in ("padded", "packed")
-        }
+        report["packing"] = packing_lockstep(a.packing_steps, a.global_batch, a.max_length)
     widest = max(report["runs"], key=lambda r: r["procs"])
     one = next(r for r in report["runs"] if r["procs"] == 1)
     report["efficiency"] = max(widest["param_bytes_per_rank"]) * widest["procs"] / (4 * one["params"])

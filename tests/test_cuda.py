@@ -181,3 +181,79 @@ def test_packing_with_sdpa_on_cuda(dtype):
     torch.testing.assert_close(packed, padded, **tol)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], **tol)
+
+
+ACCELERATE_SCRIPT = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+import deltatune as dt
+
+folder, out = sys.argv[1:3]
+g = torch.Generator().manual_seed(1)
+ids = torch.randint(4, 30, (16, 12), generator=g).tolist()
+rows = [{"input_ids": r, "labels": r, "attention_mask": [1] * len(r)} for r in ids]
+torch.manual_seed(0)
+config = dt.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+model = dt.get_peft_model(AutoModelForCausalLM.from_pretrained(folder), config)
+args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                         report_to=[], save_strategy="no", logging_steps=1, seed=0, bf16=True)
+trainer = Trainer(model=model, args=args, train_dataset=rows)
+assert trainer.is_fsdp_enabled, "accelerate did not turn FSDP on"
+trainer.train()
+trainer.save_model(out)
+"""
+
+
+def test_accelerate_fsdp2_with_transformers_trainer_saves_a_whole_peft_adapter(tmp_path):
+    """`accelerate launch --use_fsdp --fsdp_version 2` driving transformers' Trainer on a deltatune model (FSDP in
+    accelerate needs an accelerator device, so this runs here, not on the CPU): the saved adapter holds whole
+    tensors, and peft loads it with deltatune's logits."""
+    import subprocess
+    import sys
+
+    from helpers import tiny_llama_folder
+    from peft import PeftModel as PeftPeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama_folder(str(tmp_path / "llama"))
+    (tmp_path / "train.py").write_text(ACCELERATE_SCRIPT)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+    ]
+    launch += ["--mixed_precision", "bf16", "--dynamo_backend", "no", "--use_fsdp", "--fsdp_version", "2"]
+    launch += ["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap"]
+    launch += ["LlamaDecoderLayer", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
+    done = subprocess.run(
+        [*launch, tmp_path / "train.py", tmp_path / "llama", tmp_path / "out"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    fresh = dt.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "llama"),
+        dt.LoraConfig(r=4, target_modules="all-linear"),
+    )
+    expected = fresh.saved_entries("default")
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    assert all(
+        float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k
+    )  # trained, not the zero init
+    x = ids(batch=2, length=9) % 30
+    with torch.no_grad():
+        ours = dt.PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "llama"), tmp_path / "out"
+        )
+        theirs = PeftPeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "llama"), tmp_path / "out"
+        )
+        torch.testing.assert_close(theirs(input_ids=x).logits, ours(input_ids=x).logits, rtol=1e-5, atol=1e-5)

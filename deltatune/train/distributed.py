@@ -48,17 +48,17 @@ from deltatune.method import Method
 from deltatune.quant import is_quantized
 
 STRATEGIES = ("ddp", "fsdp")
-SHARDS = (
-    "checkpoint-shards"  # the folder of sharded checkpoints in a run's output_dir: one sub-folder per step
-)
+SHARDS = "checkpoint-shards"  # in a run's output_dir: one sub-folder of sharded tensors per saved step
 
 
 def init_process_group(strategy: str) -> tuple[int, int, int]:
     """(rank, world size, local rank). Under torchrun (WORLD_SIZE > 1) the process group is started from its
-    environment (gloo on CPU, NCCL on GPU). `fsdp` without torchrun starts a one-process group, so the same
-    sharding, mixed precision and offload run on one device and a multi-process checkpoint resumes there."""
+    environment (gloo on CPU; on a GPU machine NCCL for GPU tensors and gloo for CPU ones, e.g. offloaded shards).
+    `fsdp` without torchrun starts a one-process group, so the same sharding, mixed precision and offload run on
+    one device and a multi-process checkpoint resumes there."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # GPU tensors over NCCL; CPU tensors (offloaded shards, Python objects) over gloo in the same group
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
         if world > 1:
             dist.init_process_group(backend)
@@ -67,10 +67,6 @@ def init_process_group(strategy: str) -> tuple[int, int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 def block_classes(model: nn.Module) -> set[str]:
@@ -109,15 +105,12 @@ def shard_model(
     for layer in quantized_layers:  # not sharded, so fully_shard does not move them (nor offload them)
         layer.to(device)
     blocks = block_classes(model)
-    for module in list(model.modules()):
+    for module in reversed(list(model.modules())):  # inner units before the units that hold them
         if type(module).__name__ in blocks and module is not model:
             fully_shard(module, **options)
     fully_shard(model, **options)
     if hasattr(model, "generate"):  # generation runs through the root's parameters too
         register_fsdp_forward_method(model, "generate")
-    for buffer_owner in model.modules():  # buffers are not sharded; they sit on the compute device
-        for name, buffer in buffer_owner.named_buffers(recurse=False):
-            buffer_owner._buffers[name] = buffer.to(device)
     return model
 
 

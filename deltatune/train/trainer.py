@@ -732,7 +732,8 @@ class Trainer:
         best = self.pos.best_metric
         if best is None or (value > best if greater else value < best):
             self.pos.best_metric, self.pos.bad_evals = value, 0
-            weights = distributed.gather_full(self.trainable())  # whole tensors, also when sharded
+            if self.sharded or self.is_main:  # under fsdp, gathering the whole tensors takes every rank
+                weights = distributed.gather_full(self.trainable())
             if self.is_main:
                 atomic_save(
                     {"weights": weights, "step": self.pos.global_step, name: value},
