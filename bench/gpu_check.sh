@@ -1,40 +1,122 @@
 #!/usr/bin/env bash
-# The GPU checks in one call (about 6 to 8 minutes on one H100 or H200), for a lent GPU machine:
-#   1. pytest -m cuda tests/test_cuda.py: bf16 autocast, NF4 QLoRA, paged AdamW, and strategy: fsdp (FSDP2 as a
-#      one-process group: bf16 mixed precision with gradient checkpointing, CPU offload, QLoRA), packing with SDPA;
-#   2. bench/gpu_sft.py: LoRA and QLoRA SFT of a random ~1.1B Llama at sequence 2048, deltatune's Trainer against
-#      peft + transformers' Trainer (tokens/s, peak GPU memory), each setting in its own process.
-# It runs from the repository root of a copy without .venv: python3 (or $PYTHON) with PYTHONPATH=., importing only
-# torch, transformers, peft, accelerate, pytest, safetensors, PyYAML (no datasets, typer, rich or matplotlib);
-# bitsandbytes when importable (BNB_WHEEL=path/to/wheel installs one first).
-# Results go to $OUT (default bench/results/gpu): env.txt, pytest.txt, pytest.xml, gpu_sft.{json,md,txt}.
+# Every GPU check of deltatune in one call, for a lent GPU machine (one H100/H200: about 3 to 4 minutes; hard cap
+# 290 s). Each check runs under its own time limit; a failure does not stop the others; a summary comes last.
+#   env          versions, GPUs, bitsandbytes
+#   imports      deltatune, its trainer, FSDP2 and DCP glue, packing import with this torch/transformers; a GPU is seen
+#   pytest_cuda  pytest -m cuda tests/test_cuda.py: bf16 autocast, NF4 QLoRA, paged AdamW, strategy: fsdp (bf16
+#                mixed precision + gradient checkpointing, CPU offload, QLoRA) as a one-process NCCL group, packing
+#                with SDPA, accelerate's FSDP2 plugin driving transformers' Trainer. With 2 or more GPUs it also runs
+#                test_fsdp_on_two_gpus_over_nccl_matches_one_gpu (torchrun, one process per GPU); with one GPU that
+#                test is skipped: NCCL cannot put two processes on one GPU.
+#   gpu_sft      bench/gpu_sft.py: LoRA and QLoRA SFT of a random-weight ~1.1B Llama (sequence 2048), deltatune's
+#                Trainer against peft + transformers' Trainer: tokens/s and peak GPU memory, one process each.
 #
-#   OUT=/tmp/gpu bash bench/gpu_check.sh                       # on the GPU machine
-#   PYTHON=.venv/bin/python GPU_CHECK_TINY=1 OUT=/tmp/gpu bash bench/gpu_check.sh   # CPU dry run of the logic
+# Needs python (or $PYTHON) with torch, transformers, peft, accelerate, pytest, safetensors, PyYAML; bitsandbytes for
+# the QLoRA checks (found through $PYTHONPATH, which is kept). No datasets, typer, rich, matplotlib or network. Run
+# it from the repository root (not pip-installed: "." goes on PYTHONPATH). Results: $OUT (default bench/results/gpu):
+# summary.txt, env.txt, <check>.log, pytest.xml, gpu_sft.{json,md}.
+#
+#   OUT=/tmp/gpu PYTHONPATH=/tmp/site bash bench/gpu_check.sh      # on the GPU machine
+#   PYTHON=.venv/bin/python bash bench/gpu_check.sh --dry-run     # on a CPU box: the same steps, tiny sizes, the
+#                                                                 # GPU tests skip; checks that it all imports and runs
 set -u
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-bench/results/gpu}
+DRY=${GPU_CHECK_TINY:-}
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; fi
+BUDGET=290  # seconds for everything
 mkdir -p "$OUT"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_WAIT_POLICY=PASSIVE  # bitsandbytes' CPU threads and torch's otherwise starve each other
-if [ -n "${BNB_WHEEL:-}" ]; then "$PY" -m pip install -q --no-deps "$BNB_WHEEL" 2>&1 | tail -n 2; fi
-{
+: > "$OUT/summary.txt"
+failed=0
+
+# check NAME SECONDS FUNCTION: run it under min(SECONDS, what is left of the budget), log to $OUT/NAME.log
+check() {
+    local name=$1 limit=$2 left=$((BUDGET - SECONDS)) start=$SECONDS rc verdict
+    shift 2
+    if [ "$left" -lt 15 ]; then
+        echo "SKIP  $name (no time left of the ${BUDGET} s budget)" | tee -a "$OUT/summary.txt"
+        failed=$((failed + 1))
+        return
+    fi
+    if [ "$limit" -gt "$left" ]; then limit=$left; fi
+    echo "== $name (limit ${limit} s)"
+    timeout -k 5 "$limit" bash -c "$*" > "$OUT/$name.log" 2>&1
+    rc=$?
+    tail -n 25 "$OUT/$name.log"
+    case $rc in
+        0) verdict=PASS ;;
+        124 | 137) verdict="FAIL (timed out after ${limit} s)" ;;
+        *) verdict="FAIL (exit $rc)" ;;
+    esac
+    if [ "$rc" -ne 0 ]; then failed=$((failed + 1)); fi
+    echo "$verdict  $name  $((SECONDS - start)) s" >> "$OUT/summary.txt"
+}
+
+env_info() {
     date -u
-    nvidia-smi || echo "no nvidia-smi"
-    "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'transformers', transformers.__version__, 'peft', peft.__version__, 'gpu', torch.cuda.is_available())"
-    "$PY" -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>/dev/null || echo "no bitsandbytes"
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
-status=0
-echo "== pytest -m cuda tests/test_cuda.py"
-timeout 200 "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider --junitxml "$OUT/pytest.xml" \
-    > "$OUT/pytest.txt" 2>&1 || status=1
-tail -n 40 "$OUT/pytest.txt"
-echo "== bench/gpu_sft.py"
-tiny=()
-if [ -n "${GPU_CHECK_TINY:-}" ]; then tiny=(--tiny --steps 2 --warmup 1 --seq-len 64); fi
-timeout 260 "$PY" bench/gpu_sft.py --out "$OUT" "${tiny[@]}" > "$OUT/gpu_sft.txt" 2>&1 || status=1
-tail -n 12 "$OUT/gpu_sft.txt"
-if grep -q '"error"' "$OUT/gpu_sft.json" 2>/dev/null; then status=1; fi
-exit $status
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"
+    "$PY" -c "import sys, torch, transformers, peft, accelerate; print('python', sys.version.split()[0], 'torch', \
+torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count(), 'transformers', \
+transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+    "$PY" -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || echo "no bitsandbytes: the QLoRA checks skip"
+}
+
+imports() {
+    "$PY" - "$DRY" <<'EOF'
+import sys
+import torch
+import deltatune as dt
+from deltatune.train import CausalLMTask, TrainConfig, Trainer  # noqa: F401
+from deltatune.train import distributed, packing  # noqa: F401
+from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy  # noqa: F401
+import torch.distributed.checkpoint  # noqa: F401
+print("deltatune", dt.__version__ if hasattr(dt, "__version__") else "(repo)", "imports with torch", torch.__version__)
+if not sys.argv[1] and not torch.cuda.is_available():
+    sys.exit("torch.cuda.is_available() is False: no GPU for the checks that follow")
+EOF
+    "$PY" bench/gpu_sft.py --help > /dev/null && echo "bench/gpu_sft.py parses"
+}
+
+pytest_cuda() {
+    "$PY" -m pytest -m cuda tests/test_cuda.py -v -rA -p no:cacheprovider --junitxml "$OUT/pytest.xml"
+}
+
+gpu_sft() {
+    if [ -n "$DRY" ]; then  # seconds on a CPU; QLoRA needs bitsandbytes' GPU kernels to mean anything
+        "$PY" bench/gpu_sft.py --out "$OUT" --tiny --steps 2 --warmup 1 --seq-len 64 --settings deltatune-lora,peft-lora
+    else
+        "$PY" bench/gpu_sft.py --out "$OUT" --steps 8 --warmup 2 --timeout 75
+    fi
+    local rc=$?
+    [ "$rc" -eq 0 ] && ! grep -q '"error"' "$OUT/gpu_sft.json"  # a setting that failed fails the check
+}
+
+export PY OUT DRY
+export -f env_info imports pytest_cuda gpu_sft
+
+check env 45 env_info
+cp "$OUT/env.log" "$OUT/env.txt"
+check imports 60 imports
+check pytest_cuda 130 pytest_cuda
+check gpu_sft 170 gpu_sft
+
+# pytest's own tally, with each skip's reason (a skipped GPU test is not a passed one)
+if [ -f "$OUT/pytest.xml" ]; then
+    "$PY" - "$OUT/pytest.xml" >> "$OUT/summary.txt" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+cases = ET.parse(sys.argv[1]).getroot().iter("testcase")
+for case in cases:
+    outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+    reason = next((c.get("message", "") for c in case if c.tag in ("failure", "error", "skipped")), "")
+    print(f"      {outcome:8} {case.get('name')} {case.get('time')} s {reason[:150]}")
+EOF
+fi
+[ -f "$OUT/gpu_sft.md" ] && cat "$OUT/gpu_sft.md" >> "$OUT/summary.txt"
+echo "total $SECONDS s; $failed check(s) failed${DRY:+ (dry run: tiny sizes, GPU tests skipped)}" >> "$OUT/summary.txt"
+echo "================ summary ($OUT/summary.txt)"
+cat "$OUT/summary.txt"
+[ "$failed" -eq 0 ]

@@ -183,6 +183,14 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write(out: str, rows: list[dict]) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_sft.json"), "w") as fh:
+        json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}, fh, indent=2)
+    with open(os.path.join(out, "gpu_sft.md"), "w") as fh:
+        fh.write(markdown(rows) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", choices=SETTINGS)
@@ -195,6 +203,7 @@ def main() -> None:
         "--tiny", action="store_true", help="a tiny model: checks the script, measures nothing"
     )
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--timeout", type=float, default=90, help="seconds each setting's process may run")
     a = parser.parse_args()
     if a.one:
         print(json.dumps(one(a.one, a.steps, a.warmup, a.batch, a.seq_len, TINY if a.tiny else FULL)))
@@ -203,19 +212,19 @@ def main() -> None:
     for setting in a.settings.split(","):
         cmd = [sys.executable, __file__, "--one", setting, "--steps", str(a.steps), "--warmup", str(a.warmup)]
         cmd += ["--batch", str(a.batch), "--seq-len", str(a.seq_len)] + (["--tiny"] if a.tiny else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"setting": setting, "error": f"timed out after {a.timeout:.0f} s"})
         else:
-            rows.append(
-                {"setting": setting, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "?"}
-            )
+            if done.returncode == 0:
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            else:
+                sys.stderr.write(done.stderr[-4000:])
+                last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"
+                rows.append({"setting": setting, "error": last})
         print(json.dumps(rows[-1]), flush=True)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "gpu_sft.json"), "w") as fh:
-        json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}, fh, indent=2)
-    with open(os.path.join(a.out, "gpu_sft.md"), "w") as fh:
-        fh.write(markdown(rows) + "\n")
+        write(a.out, rows)  # after each setting: a run cut short keeps what it measured
     print(markdown(rows))
 
 

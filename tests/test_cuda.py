@@ -1,5 +1,11 @@
-"""The GPU path: bf16 autocast, bitsandbytes NF4 QLoRA and paged AdamW on CUDA. Skipped without a GPU (CI has
-none); run on a GPU machine with `pytest -m cuda tests/test_cuda.py`."""
+"""The GPU path: bf16 autocast, bitsandbytes NF4 QLoRA, paged AdamW, strategy: fsdp (one-process NCCL group; two
+processes when there are two GPUs), packing with SDPA, accelerate's FSDP2 plugin. Skipped without a GPU (CI has
+none); `bash bench/gpu_check.sh` runs them on a GPU machine (or `pytest -m cuda tests/test_cuda.py`)."""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,11 +77,9 @@ def _token_rows(n=8, length=24, prompt=4):
     return [{"input_ids": r, "labels": [-100] * prompt + r[prompt:]} for r in rows]
 
 
-def _fit(out, steps=6, **options):
+def _fit(out, steps=6, batch_size=4, **options):
     """LoRA on a tiny Llama trained by deltatune's Trainer; returns (model, losses, dtypes a LoRA layer computed in).
     strategy: fsdp here runs as a one-process group (world size 1): the same sharding code, policies and offload."""
-    import json
-
     from deltatune.train import CausalLMTask, TrainConfig, Trainer
 
     torch.manual_seed(0)
@@ -86,7 +90,7 @@ def _fit(out, steps=6, **options):
     config = TrainConfig(
         output_dir=str(out),
         max_steps=steps,
-        batch_size=4,
+        batch_size=batch_size,
         lr=1e-2,
         progress=False,
         tensorboard=False,
@@ -145,6 +149,44 @@ def test_fsdp_qlora_on_cuda(tmp_path):
     )
     summary = Trainer(model, CausalLMTask(None), _token_rows(), None, config).train()
     assert summary["steps"] == 6 and (tmp_path / "adapter_model.safetensors").exists()
+
+
+TWO_GPU_SCRIPT = """
+import sys
+from pathlib import Path
+from test_cuda import _fit
+_fit(Path(sys.argv[1]), batch_size=2, strategy="fsdp")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL puts one process on each)")
+def test_fsdp_on_two_gpus_over_nccl_matches_one_gpu(tmp_path):
+    """torchrun, 2 processes on 2 GPUs (NCCL), batch 2 each: the losses and the adapter of one GPU with batch 4."""
+    from safetensors.torch import load_file
+
+    _, one, _ = _fit(tmp_path / "one", batch_size=4, strategy="fsdp")
+    (tmp_path / "two.py").write_text(TWO_GPU_SCRIPT)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*command, tmp_path / "two.py", tmp_path / "two"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    two = [r["loss"] for r in map(json.loads, open(tmp_path / "two" / "log.jsonl")) if "loss" in r]
+    assert two == pytest.approx(one, rel=1e-4)
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 28
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -209,9 +251,6 @@ def test_accelerate_fsdp2_with_transformers_trainer_saves_a_whole_peft_adapter(t
     """`accelerate launch --use_fsdp --fsdp_version 2` driving transformers' Trainer on a deltatune model (FSDP in
     accelerate needs an accelerator device, so this runs here, not on the CPU): the saved adapter holds whole
     tensors, and peft loads it with deltatune's logits."""
-    import subprocess
-    import sys
-
     from helpers import tiny_llama_folder
     from peft import PeftModel as PeftPeftModel
     from safetensors.torch import load_file
@@ -235,7 +274,7 @@ def test_accelerate_fsdp2_with_transformers_trainer_saves_a_whole_peft_adapter(t
         [*launch, tmp_path / "train.py", tmp_path / "llama", tmp_path / "out"],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=60,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     saved = load_file(tmp_path / "out" / "adapter_model.safetensors")

@@ -50,7 +50,10 @@ METHODS = {
     "mam": lambda: dt.MAMConfig(num_virtual_tokens=4),
     "unipelt": lambda: dt.UniPELTConfig(num_virtual_tokens=4, r=2, reduction_factor=4),
     "qlora": lambda: dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "lora+checkpointing": lambda: dt.LoraConfig(r=4, target_modules="all-linear"),
 }
+# Trained under fsdp with these options; the one-process reference runs without them (so it shows they change nothing).
+FSDP_OPTIONS = {"lora+checkpointing": {"gradient_checkpointing": True}}
 
 
 def method_model(method):
@@ -90,10 +93,11 @@ def method_worker(rank, world, store, root, methods):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     for method in methods:
-        summary = train(method_model(method), os.path.join(root, "fsdp", method), 8 // world, "fsdp")
+        out = os.path.join(root, "fsdp", method)
+        summary = train(method_model(method), out, 8 // world, "fsdp", **FSDP_OPTIONS.get(method, {}))
         if rank == 0:
-            with open(os.path.join(root, "fsdp", method, "bytes.json"), "w") as fh:
-                json.dump(summary["param_bytes_per_rank"], fh)
+            with open(os.path.join(out, "bytes.json"), "w") as fh:
+                json.dump([summary["param_bytes_per_rank"], summary["optimizer_bytes_per_rank"]], fh)
     torch.distributed.destroy_process_group()
 
 
@@ -101,12 +105,14 @@ def test_every_method_sharded_on_two_processes_matches_one_process(tmp_path):
     from safetensors.torch import load_file
 
     methods = [m for m in METHODS if m != "qlora" or _has_bitsandbytes()]
-    initial, single_bytes = {}, {}
+    initial, single_bytes, single_optimizer, trainable = {}, {}, {}, {}
     for method in methods:  # the reference: one process, the whole batch of 8, no sharding
         model = method_model(method)
         initial[method] = {k: v.detach().clone() for k, v in model.saved_entries("default").items()}
+        trainable[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         summary = train(model, tmp_path / "one" / method, 8, "ddp")
         single_bytes[method] = summary["param_bytes_per_rank"][0]
+        single_optimizer[method] = summary["optimizer_bytes_per_rank"][0]
     os.environ["OMP_WAIT_POLICY"] = (
         "PASSIVE"  # bitsandbytes' CPU threads and torch's otherwise starve each other
     )
@@ -131,9 +137,13 @@ def test_every_method_sharded_on_two_processes_matches_one_process(tmp_path):
             json.load(open(tmp_path / run / method / "adapter_config.json")) for run in ("one", "fsdp")
         ]
         assert configs[0] == configs[1], method  # AdaLoRA's rank pattern too
-        per_rank = json.load(open(tmp_path / "fsdp" / method / "bytes.json"))
+        per_rank, optimizer_per_rank = json.load(open(tmp_path / "fsdp" / method / "bytes.json"))
         if method != "qlora":  # 4-bit weights stay whole on each process (distributed.py says why)
             assert max(per_rank) <= 0.52 * single_bytes[method], (method, per_rank, single_bytes[method])
+        # AdamW state (two float32 moments + a step counter per tensor) for the trainable parameters only, and
+        # sharded: each process holds about half of the one-process state
+        assert 8 * trainable[method] <= single_optimizer[method] <= 8 * trainable[method] + 4096, method
+        assert max(optimizer_per_rank) <= 0.52 * single_optimizer[method] + 2048, (method, optimizer_per_rank)
 
 
 def _has_bitsandbytes():
