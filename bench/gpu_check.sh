@@ -20,13 +20,18 @@
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh --dry-run     # on a CPU box: the same steps, tiny sizes, the
 #                                                                 # GPU tests skip; checks that it all imports and runs
 set -u
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-OUT=${OUT:-bench/results/gpu}
 DRY=${GPU_CHECK_TINY:-}
-if [ "${1:-}" = "--dry-run" ]; then DRY=1; fi
+case "${1:-}" in
+    "") ;;
+    --dry-run) DRY=1 ;;
+    *) echo "usage: bash bench/gpu_check.sh [--dry-run]   (results in \$OUT, default bench/results/gpu)" >&2; exit 2 ;;
+esac
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$ROOT/bench/results/gpu}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the checks run from the repository root
+cd "$ROOT"
+PY=${PYTHON:-python3}
 BUDGET=290  # seconds for everything
-mkdir -p "$OUT"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_WAIT_POLICY=PASSIVE  # bitsandbytes' CPU threads and torch's otherwise starve each other
 : > "$OUT/summary.txt"

@@ -222,6 +222,7 @@ def test_two_node_torchrun_fsdp_recipe_matches_one_process_and_loads_in_peft(lla
     ]
     command = [*torchrun, "-m", "deltatune", "train", root / "recipe.yaml", "--strategy", "fsdp"]
     command += ["--batch_size", "4", "--output_dir", tmp_path / "two"]
+    command += ["--progress", "true"]  # its ETA runs a forward, which under fsdp every process must join
     nodes = [
         subprocess.Popen(
             command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
