@@ -14,7 +14,7 @@
 # Needs python (or $PYTHON) with torch, transformers, peft, accelerate, pytest, safetensors, PyYAML; bitsandbytes for
 # the QLoRA checks (found through $PYTHONPATH, which is kept). No datasets, typer, rich, matplotlib or network. Run
 # it from the repository root (not pip-installed: "." goes on PYTHONPATH). Results: $OUT (default bench/results/gpu):
-# summary.txt, env.txt, <check>.log, pytest.xml, gpu_sft.{json,md}.
+# summary.txt, <check>.log (env.log: versions), pytest.xml, gpu_sft.{json,md}.
 #
 #   OUT=/tmp/gpu PYTHONPATH=/tmp/site bash bench/gpu_check.sh      # on the GPU machine
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh --dry-run     # on a CPU box: the same steps, tiny sizes, the
@@ -34,6 +34,7 @@ PY=${PYTHON:-python3}
 BUDGET=290  # seconds for everything
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_WAIT_POLICY=PASSIVE  # bitsandbytes' CPU threads and torch's otherwise starve each other
+rm -f "$OUT"/{env,imports,pytest_cuda,gpu_sft}.log "$OUT"/pytest.xml "$OUT"/gpu_sft.json "$OUT"/gpu_sft.md  # nothing left from an earlier run
 : > "$OUT/summary.txt"
 failed=0
 
@@ -103,13 +104,13 @@ export PY OUT DRY
 export -f env_info imports pytest_cuda gpu_sft
 
 check env 45 env_info
-cp "$OUT/env.log" "$OUT/env.txt"
 check imports 60 imports
 check pytest_cuda 130 pytest_cuda
 check gpu_sft 170 gpu_sft
 
 # pytest's own tally, with each skip's reason (a skipped GPU test is not a passed one)
 if [ -f "$OUT/pytest.xml" ]; then
+    echo "pytest_cuda, test by test:" >> "$OUT/summary.txt"
     "$PY" - "$OUT/pytest.xml" >> "$OUT/summary.txt" <<'EOF'
 import sys
 import xml.etree.ElementTree as ET

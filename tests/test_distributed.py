@@ -225,11 +225,22 @@ def test_two_node_torchrun_fsdp_recipe_matches_one_process_and_loads_in_peft(lla
     command += ["--progress", "true"]  # its ETA runs a forward, which under fsdp every process must join
     nodes = [
         subprocess.Popen(
-            command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+            command,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+            start_new_session=True,  # a node that hangs is killed with its worker
         )
         for _ in range(2)
     ]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     a = load_file(tmp_path / "one" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter_model.safetensors")
