@@ -821,10 +821,13 @@ class Trainer:
         model = self.unwrapped
         if not hasattr(model, "save_pretrained"):
             return
-        owned = [
-            t for name in getattr(model, "peft_config", {}) for t in model.adapter_entries(name).values()
-        ]
-        with distributed.whole_parameters(model, owned or list(self.trainable().values())):
+        whole: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if self.sharded:  # the adapter's tensors (all of them, trainable or not), else the trained ones
+            owned = [
+                t for name in getattr(model, "peft_config", {}) for t in model.adapter_entries(name).values()
+            ]
+            whole = distributed.whole_parameters(model, owned or list(self.trainable().values()))
+        with whole:
             if self.is_main:
                 model.save_pretrained(self.config.output_dir)
                 self.task.on_save(model, self.config.output_dir)  # extra files (diffusers' LoRA)
