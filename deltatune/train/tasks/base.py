@@ -188,3 +188,24 @@ class Task:
     def describe(self) -> dict[str, Any]:
         """What `eval` and `predict` need to rebuild this task (kept in the run's saved config)."""
         return {"task": self.name}
+
+
+class ImageRowsTask(Task):
+    """A task whose rows name images (paths, or base64 when served) with per-image targets: detection and
+    segmentation share how they are built; each sets its own `default_image_size`."""
+
+    default_image_size = 224
+
+    def __init__(
+        self,
+        labels: LabelMap | None = None,
+        image_size: int | None = None,
+        image_column: str = "image",
+        read_files: bool = True,
+        data_dir: str | None = None,
+    ) -> None:
+        super().__init__(None)
+        self.labels, self.image_column = labels, image_column
+        self.image_size = image_size or self.default_image_size
+        self.read_files = read_files  # a server answering the network sets False: base64 images only
+        self.data_dir = data_dir  # relative image paths of tables split from the training file start here

@@ -19,7 +19,7 @@ from torch import nn
 from deltatune.train import images as I
 from deltatune.train import metrics as M
 from deltatune.train.data import DataError, LabelMap
-from deltatune.train.tasks.base import StepOutput, Task, _batches, _device_of, evaluating, to_device
+from deltatune.train.tasks.base import ImageRowsTask, StepOutput, _batches, _device_of, evaluating, to_device
 
 EXAMPLES = {"boxes": "[[10, 20, 50, 60]]", "labels": '["cat"]'}
 
@@ -42,10 +42,11 @@ def listed(value: Any, column: str, where: str) -> list[Any]:
     return value
 
 
-class DetectionTask(Task):
+class DetectionTask(ImageRowsTask):
     """Boxes and a class per box; images are resized to `image_size` squared (boxes scaled with them)."""
 
     name = "detection"
+    default_image_size = 160
     metric = "map"
     greater_is_better = True
     default_columns = (None, "labels")
@@ -53,7 +54,7 @@ class DetectionTask(Task):
     @classmethod
     def from_run(cls, run: Any, tokenizer: Any, labels: LabelMap | None) -> DetectionTask:
         folder = I.data_dir(run.train_file)
-        return cls(labels, run.image_size or 160, run.image_column or "image", data_dir=folder)
+        return cls(labels, run.image_size, run.image_column or "image", data_dir=folder)
 
     @classmethod
     def fit_labels(cls, run: Any, table) -> LabelMap:
@@ -71,7 +72,9 @@ class DetectionTask(Task):
     def build_model(cls, run: Any, labels: LabelMap | None) -> tuple[nn.Module, Any]:
         from deltatune.integrations.vision import build_detector
 
-        model = build_detector(run.model, len(labels), run.image_size or 160, run.weights, run.model_options)
+        model = build_detector(
+            run.model, len(labels), run.image_size or cls.default_image_size, run.weights, run.model_options
+        )
         return model, None
 
     def default_targets(self, model: nn.Module) -> list[str]:
@@ -81,19 +84,6 @@ class DetectionTask(Task):
 
     def modules_to_save(self, model: nn.Module) -> list[str]:
         return ["fpn", "head"]  # fresh: trained in full
-
-    def __init__(
-        self,
-        labels: LabelMap | None = None,
-        image_size: int = 160,
-        image_column: str = "image",
-        read_files: bool = True,
-        data_dir: str | None = None,
-    ) -> None:
-        super().__init__(None)
-        self.labels, self.image_size, self.image_column = labels, image_size, image_column
-        self.read_files = read_files  # a server answering the network sets False: base64 images only
-        self.data_dir = data_dir  # relative image paths of tables split from the training file start here
 
     # --- data -----------------------------------------------------------------------------------
     def _boxes(self, row: dict[str, Any], size: tuple[int, int], where: str) -> torch.Tensor:

@@ -22,23 +22,24 @@ from torch import nn
 from deltatune.train import images as I
 from deltatune.train import metrics as M
 from deltatune.train.data import DataError, LabelMap
-from deltatune.train.tasks.base import StepOutput, Task, _batches, _device_of, evaluating, to_device
+from deltatune.train.tasks.base import ImageRowsTask, StepOutput, _batches, _device_of, evaluating, to_device
 
 IGNORE = 255
 MASK_COLUMN = "mask"
 
 
-class SegmentationTask(Task):
+class SegmentationTask(ImageRowsTask):
     """A class per pixel; images (bilinear) and masks (nearest) are resized to `image_size` squared."""
 
     name = "segmentation"
+    default_image_size = 128
     metric = "mean_iou"
     greater_is_better = True
 
     @classmethod
     def from_run(cls, run: Any, tokenizer: Any, labels: LabelMap | None) -> SegmentationTask:
         folder = I.data_dir(run.train_file)
-        return cls(labels, run.image_size or 128, run.image_column or "image", data_dir=folder)
+        return cls(labels, run.image_size, run.image_column or "image", data_dir=folder)
 
     @classmethod
     def fit_labels(cls, run: Any, table) -> LabelMap:
@@ -69,19 +70,6 @@ class SegmentationTask(Task):
 
     def modules_to_save(self, model: nn.Module) -> list[str]:
         return ["classifier"]  # the LR-ASPP head starts fresh
-
-    def __init__(
-        self,
-        labels: LabelMap | None = None,
-        image_size: int = 128,
-        image_column: str = "image",
-        read_files: bool = True,
-        data_dir: str | None = None,
-    ) -> None:
-        super().__init__(None)
-        self.labels, self.image_size, self.image_column = labels, image_size, image_column
-        self.read_files = read_files  # a server answering the network sets False: base64 images only
-        self.data_dir = data_dir  # relative image paths of tables split from the training file start here
 
     # --- data -----------------------------------------------------------------------------------
     def _mask(self, path: str, folder: str | None, where: str) -> torch.Tensor:
