@@ -135,15 +135,21 @@ def load_model_and_tokenizer(
     return model, processor
 
 
+# Output heads stay in float, as `quantize()` leaves them: transformers' own default finds the LM head but not a
+# classification head, which would then be a frozen 4-bit copy that `modules_to_save` cannot train.
+HEAD_MODULES = ["lm_head", "classifier", "score", "qa_outputs"]
+
+
 def bnb_loading_kwargs(quantization: str, dtype: Any = None) -> dict[str, Any]:
     """`from_pretrained` kwargs that quantize with bitsandbytes while loading (CUDA when present, else CPU)."""
     if quantization not in QUANT_TYPES:
         raise ConfigError(f"Unknown quantization {quantization!r}; use one of: {', '.join(QUANT_TYPES)}.")
     require_bitsandbytes()  # a clear error when bitsandbytes is missing
     if quantization == "int8":
-        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
     else:
         config = transformers.BitsAndBytesConfig(
+            llm_int8_skip_modules=HEAD_MODULES,
             load_in_4bit=True,
             bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=True,
