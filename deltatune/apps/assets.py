@@ -87,6 +87,9 @@ def onnx_bert_weights(onnx_path: str) -> dict[str, np.ndarray]:
 
     graph = onnx.load(onnx_path).graph
     arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:  # equal initializers are stored once and named again through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in arrays:
+            arrays[node.output[0]] = arrays[node.input[0]]
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -103,7 +106,7 @@ def onnx_bert_weights(onnx_path: str) -> dict[str, np.ndarray]:
             )
         weights[biases[0].removesuffix(".bias") + ".weight"] = arrays[node.input[1]].T
     named = {k: v for k, v in arrays.items() if not k.startswith("onnx::")}
-    prefix = "model.0.auto_model."
+    prefix = "model.0.auto_model."  # sentence-transformers' module path
     return {k.removeprefix(prefix): np.ascontiguousarray(v) for k, v in {**named, **weights}.items()}
 
 
