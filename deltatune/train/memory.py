@@ -247,18 +247,21 @@ def estimate_training_memory(
     peft_config = make_peft_config(
         RunConfig(model="estimate", task="causal-lm", method=method), dict(options or {})
     )
+    base_ids = {id(p) for p in model.parameters()}  # before injection: the adapters' tensors are not the base's
     peft_model = get_peft_model(model, peft_config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    base_ids = {id(p) for p in model.parameters()}
+    # Base tensors that train (full fine-tuning, BitFit ...) keep the model's dtype, and so do their gradients and
+    # AdamW's states (PyTorch's `zeros_like`); new adapter tensors are float32.
+    trained_bytes = sum(p.numel() * (width if id(p) in base_ids else 4) for p in trainable)
     added = sum(p.numel() for p in peft_model.parameters() if id(p) not in base_ids)
-    weights += added * 4  # adapters train in float32
-    gradients = n_trainable * 4
+    weights += added * 4
+    gradients = trained_bytes
     kinds = {"LORA": "lora", "ADALORA": "lora", "FULL": "full", "FREEZE": "full", "IA3": "ia3"}
     kind = kinds.get(peft_config.peft_type, "frozen")
     if peft_config.peft_type in ("PROMPT_TUNING", "P_TUNING"):
         seq_len += peft_config.num_virtual_tokens  # the virtual tokens run through every layer
     activations = activation_bytes(config, batch_size, seq_len, width, kind, getattr(peft_config, "r", 8))
-    optimizer = 2 * n_trainable * 4  # AdamW's two moments, float32
-    temporaries = n_trainable * 4 if foreach else 0
+    optimizer = 2 * trained_bytes  # AdamW's two moments
+    temporaries = trained_bytes if foreach else 0
     return MemoryEstimate(weights, gradients, optimizer, activations, n_trainable, total + added, temporaries)
