@@ -77,7 +77,8 @@ def test_estimate_parts_and_command():
     full = estimate_training_memory(config, "full", 1, 128, "bfloat16")
     qlora = estimate_training_memory(config, "qlora", 1, 128, "bfloat16")
     assert full.trainable_params == sum(p.numel() for p in LlamaForCausalLM(config).parameters())
-    assert full.optimizer == 2 * 2 * full.trainable_params and full.gradients == 2 * full.trainable_params  # bf16
+    # bfloat16 base weights train in bfloat16 (gradients and AdamW states too)
+    assert full.optimizer == 2 * 2 * full.trainable_params and full.gradients == 2 * full.trainable_params
     assert lora.gradients == 4 * lora.trainable_params  # adapters train in float32
     assert lora.trainable_params < full.trainable_params and qlora.weights < lora.weights
     assert qlora.trainable_params == lora.trainable_params

@@ -247,7 +247,7 @@ def estimate_training_memory(
     peft_config = make_peft_config(
         RunConfig(model="estimate", task="causal-lm", method=method), dict(options or {})
     )
-    base_ids = {id(p) for p in model.parameters()}  # before injection: the adapters' tensors are not the base's
+    base_ids = {id(p) for p in model.parameters()}  # before injection: the adapters' are not the base's
     peft_model = get_peft_model(model, peft_config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)

@@ -130,7 +130,7 @@ def _sentiment_row(row: dict[str, Any]) -> dict[str, str]:
 def _dates_tables(task: BenchTask) -> dict[str, Any]:
     import datasets
 
-    from deltatune.apps.demo import make_dates
+    from deltatune.train.dates import make_dates
 
     sizes = {"train": task.train_rows, "validation": task.val_rows, "dev": task.dev_rows or 200}
     pairs = make_dates(sum(sizes.values()), SPLIT_SEED)  # distinct dates: no split shares one
