@@ -2,7 +2,8 @@
 
 Each (model, method) builds the model from its cached folder (`deltatune fetch`), runs two AdamW steps (foreach, as
 on a GPU) on batch x tokens of random ids and measures the peak of every tensor allocated
-(`deltatune.train.memory.measure_training_peak`), then asks the estimator, which sees only the config. Writes
+(`deltatune.train.memory.measure_training_peak`), then asks the estimator, which sees only the config. It also
+prints the estimate alone for Llama 3 shapes (1B, 8B, 70B) per method, the sizes this machine cannot train. Writes
 bench/results/estimate_check.{json,md}. The tiny-model version of this check is tests/test_memory_estimate.py.
 
 Usage: python bench/estimate_check.py [--models smollm2-135m-instruct,gemma3-270m] [--methods lora,prompt_tuning]
@@ -44,6 +45,30 @@ def one(model_name: str, method: str, batch: int, seq: int) -> dict:
     return {"model": model_name, "method": method, "measured_bytes": measured, **estimate.as_dict()}
 
 
+SHAPES = ("llama-1b", "llama-8b", "llama-70b")
+SHAPE_METHODS = ("full", "lora", "qlora", "prompt_tuning")
+
+
+def shape_table(batch: int, seq: int) -> list[str]:
+    """The estimator alone on Llama 3 shapes, bfloat16 weights, AdamW (foreach), in GiB."""
+    from deltatune.train.memory import estimate_training_memory, load_config
+
+    gib = 2**30
+    lines = [
+        f"Estimate only, Llama 3 shapes, bfloat16, batch {batch} x {seq} tokens (`deltatune estimate --model "
+        f"llama-8b --method lora --batch-size {batch} --seq-len {seq}`), GiB:",
+        "",
+        "| shape | method | weights | gradients | optimizer | activations | total |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for shape in SHAPES:
+        for method in SHAPE_METHODS:
+            e = estimate_training_memory(load_config(shape), method, batch, seq, "bfloat16")
+            parts = [e.weights, e.gradients, e.optimizer, e.activations, e.total]
+            lines.append(f"| {shape} | {method} | " + " | ".join(f"{p / gib:.1f}" for p in parts) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
@@ -81,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['total'] / r['measured_bytes']:.3f} | {r['weights'] / mib:.0f} | {r['gradients'] / mib:.1f} | "
             f"{r['optimizer'] / mib:.1f} | {r['activations'] / mib:.0f} |"
         )
+    lines += ["", *shape_table(1, 2048)]
     with open(os.path.join(args.out, "estimate_check.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -146,3 +146,14 @@ def test_sweep_picks_on_validation_and_seeds_average(tiny):
 
     bad = _bench(tiny, out, "--methods", "lora", "--seeds", "one")
     assert bad.exit_code == 2 and "--seeds" in bad.output
+
+
+def test_ablations_never_share_a_cached_run():
+    """A run with method options (bench/prefix_init.py's zero prefixes) is cached apart from the plain run."""
+    from deltatune.apps.bench.run import RunSpec
+
+    task = BenchSettings.quick().task("sst2")
+    plain = RunSpec("m", task, "mam", 3e-4, 0, "data")
+    zero = RunSpec("m", task, "mam", 3e-4, 0, "data", options={"init_weights": "zero"})
+    assert plain.key() != zero.key() and plain.path("out") != zero.path("out")
+    assert zero.path("out").endswith("lr0.0003-seed0-init_weights=zero.json")

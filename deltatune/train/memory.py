@@ -6,9 +6,10 @@ parameter count comes from the library itself), broken into the four parts that 
 
 - weights: every parameter of the model at its dtype (QLoRA: the 4-bit NF4 blocks and their double-quantized
   constants, 4.127 bits a weight, for the linear layers inside the blocks);
-- gradients: one per trainable parameter;
-- optimizer states: AdamW's two moments per trainable parameter, in float32 (its foreach step also holds a
-  parameter-sized temporary, which counts when the step is the peak; see `MemoryEstimate.total`);
+- gradients: one per trainable parameter, at its dtype;
+- optimizer states: AdamW's two moments per trainable parameter, at that parameter's dtype (new adapter tensors are
+  float32; full fine-tuning of a bfloat16 model keeps bfloat16 moments). Its foreach step also holds a
+  parameter-sized temporary, which counts when the step is the peak; see `MemoryEstimate.total`;
 - activations: what autograd keeps from the forward pass for the backward pass, from the shapes of a
   Llama-style decoder layer (see `activation_bytes`), with the output logits and the loss on top.
 

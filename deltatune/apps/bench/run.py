@@ -45,10 +45,11 @@ class RunSpec:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def path(self, out_dir: str) -> str:
+        """The run's file; method options (ablations) are in its name, so two ablations never share a file."""
         model = os.path.basename(os.path.normpath(self.model)).lower()
-        return os.path.join(
-            out_dir, "runs", self.task.name, model, self.method, f"lr{self.lr:g}-seed{self.seed}.json"
-        )
+        options = "".join(f"-{k}={v}" for k, v in sorted(self.options.items()))
+        name = f"lr{self.lr:g}-seed{self.seed}{options}.json"
+        return os.path.join(out_dir, "runs", self.task.name, model, self.method, name)
 
 
 def loadavg() -> list[float]:
