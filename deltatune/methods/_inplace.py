@@ -67,9 +67,10 @@ class InPlaceMethod(Method):
             )
 
     def remember_originals(self, peft_model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Keep a CPU copy of the values the adapter is about to train (names relative to the base model)."""
+        """Keep a CPU copy of the values the adapter is about to train (names relative to the base model). A model
+        on the meta device (shapes only, e.g. for a memory estimate) has no values to copy."""
         peft_model.__dict__[ORIGINALS] = {
-            name: t.detach().to("cpu", copy=True) for name, t in tensors.items()
+            name: t.detach() if t.is_meta else t.detach().to("cpu", copy=True) for name, t in tensors.items()
         }
 
     def state_dict(self, peft_model: nn.Module, adapter_name: str, config) -> dict[str, torch.Tensor]:

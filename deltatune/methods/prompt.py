@@ -7,6 +7,13 @@ output, and a loaded adapter is a plain embedding table (as in peft, whose file 
 
 The base model runs on `[prompts; token embeddings]`, with the attention mask, position ids, token type ids and
 (for token-level tasks) the labels extended to cover the virtual tokens.
+
+Where the prompts go (`prompt_position`, deltatune's own option): "start" (the default, peft's layout) puts them in
+front of everything. On an encoder classifier (BERT, MPNet) that is a poor place: the pooler and head read the first
+position, which is then a virtual token instead of `[CLS]`, and the prompts barely beat the majority class on SST-2.
+"after_first_token" keeps the first token (`[CLS]`) first and puts the prompts right after it, so the head reads the
+real `[CLS]` again. The option is written to `adapter_config.json` only when it is not "start"; peft ignores it (with a
+warning) and would put the prompts in front, so such a file gives other outputs in peft.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import enum
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +46,26 @@ class PromptEncoderReparameterizationType(str, enum.Enum):
     LSTM = "LSTM"
 
 
+PROMPT_POSITIONS = ("start", "after_first_token")
+# Tasks whose inputs are right-padded and start with a real token ([CLS]); generation pads on the left.
+AFTER_FIRST_TASKS = ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
+
+
+def _position_field() -> Any:
+    return field(default="start", metadata={"deltatune_only": True})
+
+
+def check_prompt_position(config: PromptLearningConfig) -> None:
+    position = config.prompt_position
+    if position not in PROMPT_POSITIONS:
+        raise ConfigError(f"prompt_position must be one of {', '.join(PROMPT_POSITIONS)}, got {position!r}.")
+    if position == "after_first_token" and config.task_type not in AFTER_FIRST_TASKS:
+        raise ConfigError(
+            f"prompt_position='after_first_token' is for encoder tasks ({', '.join(AFTER_FIRST_TASKS)}), whose "
+            f"first token is [CLS]; task_type={config.task_type!r} pads on the left, so use prompt_position='start'."
+        )
+
+
 @dataclass
 class PromptTuningConfig(PromptLearningConfig):
     """Prompt tuning options, named as in peft.
@@ -52,10 +79,12 @@ class PromptTuningConfig(PromptLearningConfig):
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | Callable | None = None
     tokenizer_kwargs: dict | None = None
+    prompt_position: str = _position_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "PROMPT_TUNING"
+        check_prompt_position(self)
         choices = PromptTuningInit._value2member_map_
         init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)
         if init not in choices:
@@ -98,10 +127,12 @@ class PromptEncoderConfig(PromptLearningConfig):
     encoder_hidden_size: int | None = None
     encoder_num_layers: int = 2
     encoder_dropout: float = 0.0
+    prompt_position: str = _position_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "P_TUNING"
+        check_prompt_position(self)
         kind = getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)
         if kind not in PromptEncoderReparameterizationType._value2member_map_:
             raise ConfigError(f"encoder_reparameterization_type must be 'MLP' or 'LSTM', got {kind!r}.")
@@ -242,8 +273,15 @@ def _with_prompts(peft_model: nn.Module, inputs: dict[str, Any], for_generate: b
     embeds = inputs.pop("inputs_embeds", None)
     if embeds is None:
         embeds = pl.word_embeddings(base)(input_ids)
-    prompts = pl.encoder_of(peft_model, name)()[:n].to(embeds.dtype)
-    inputs["inputs_embeds"] = torch.cat([prompts.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
+    prompts = pl.encoder_of(peft_model, name)()[:n].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+    at = 1 if config.prompt_position == "after_first_token" else 0
+    if at:
+        _check_first_token_real(inputs.get("attention_mask"))
+
+    def insert(tensor: torch.Tensor, filler: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor[:, :at], filler, tensor[:, at:]], dim=1)
+
+    inputs["inputs_embeds"] = insert(embeds, prompts)
     # A decoder-only generate() returns input_ids + new tokens, so it keeps them.
     if seq2seq or not for_generate:
         inputs.pop("input_ids", None)
@@ -252,21 +290,35 @@ def _with_prompts(peft_model: nn.Module, inputs: dict[str, Any], for_generate: b
     if for_generate and mask is None:  # generate needs a mask as long as the embeddings
         mask = torch.ones(batch, length, dtype=torch.long, device=device)
     if mask is not None:
-        mask = inputs["attention_mask"] = pl.extend_mask(mask, n)
+        mask = inputs["attention_mask"] = insert(mask, mask.new_ones(batch, n))
     position_ids = inputs.get("position_ids")
-    if position_ids is not None:
+    if position_ids is not None and at:  # the first token keeps its position; the prompts follow it
+        position_ids = position_ids.expand(batch, -1)
+        virtual = (
+            position_ids[:, :1] + 1 + torch.arange(n, device=position_ids.device, dtype=position_ids.dtype)
+        )
+        inputs["position_ids"] = torch.cat([position_ids[:, :1], virtual, position_ids[:, 1:] + n], dim=1)
+    elif position_ids is not None:
         inputs["position_ids"] = pl.shift_positions(position_ids, batch, n, keep_virtual=True)
     elif mask is not None and not for_generate and pl.accepts(base, "position_ids"):
         inputs["position_ids"] = pl.positions_from_mask(mask)
     token_types = inputs.get("token_type_ids")
     if token_types is not None:
         zeros = torch.zeros(batch, n, dtype=token_types.dtype, device=token_types.device)
-        inputs["token_type_ids"] = torch.cat([zeros, token_types], dim=1)
+        inputs["token_type_ids"] = insert(token_types, zeros)
     labels = inputs.get("labels")
     if labels is not None and not seq2seq and _token_level(config, labels, batch, length):
         ignored = torch.full((batch, n), -100, dtype=labels.dtype, device=labels.device)
-        inputs["labels"] = torch.cat([ignored, labels], dim=1)
+        inputs["labels"] = insert(labels, ignored)
     return inputs
+
+
+def _check_first_token_real(mask: torch.Tensor | None) -> None:
+    if mask is not None and bool((mask[:, 0] == 0).any()):
+        raise ValueError(
+            "prompt_position='after_first_token' puts the prompts after each row's first token, but some rows start "
+            "with padding; pad on the right (tokenizer.padding_side = 'right')."
+        )
 
 
 def _token_level(config: PromptLearningConfig, labels: torch.Tensor, batch: int, length: int) -> bool:
@@ -282,7 +334,12 @@ class PromptTuningMethod(pl.PromptLearningMethod):
     peft_type = "PROMPT_TUNING"
     config_class = PromptTuningConfig
     title = "prompt tuning"
-    variants = {"prompt_tuning": Variant(), "prompt": Variant()}
+    variants = {
+        "prompt_tuning": Variant(),
+        "prompt": Variant(),
+        # An encoder classifier's head reads the first position: keep [CLS] there (see the module docstring).
+        "prompt_tuning_cls": Variant({"prompt_position": "after_first_token"}, task_types=("SEQ_CLS",)),
+    }
     typical_lr = 3e-2
 
     def inject(self, peft_model: nn.Module, config: PromptLearningConfig, adapter_name: str) -> None:
@@ -316,7 +373,11 @@ class PTuningMethod(PromptTuningMethod):
     peft_type = "P_TUNING"
     config_class = PromptEncoderConfig
     title = "P-tuning (MLP/LSTM encoder)"
-    variants = {"p_tuning": Variant(), "ptuning": Variant()}
+    variants = {
+        "p_tuning": Variant(),
+        "ptuning": Variant(),
+        "p_tuning_cls": Variant({"prompt_position": "after_first_token"}, task_types=("SEQ_CLS",)),
+    }
     typical_lr = 1e-2
 
 
