@@ -74,8 +74,10 @@ def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
         typer.echo(json.dumps(metrics, indent=2))
         return
     for key, value in metrics.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and all(isinstance(v, float) for v in value.values()):
             value = ", ".join(f"{k}={v:.4f}" for k, v in value.items())
+        elif isinstance(value, (dict, list)):  # per-class reports, confusion matrices
+            value = json.dumps(value)
         elif isinstance(value, float):
             value = f"{value:.4f}"
         typer.echo(f"{key}: {value}")

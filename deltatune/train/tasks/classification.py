@@ -1,7 +1,9 @@
-"""Sequence classification: one text (or a pair of texts) -> one label."""
+"""Sequence classification: one text (or a pair of texts) -> one label, with a per-class report."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.train import metrics as M
-from deltatune.train.data import LabelMap
+from deltatune.train.data import DataError, LabelMap
 from deltatune.train.tasks.base import Task, _batches, _device_of, logits_of, to_device
 
 
@@ -29,7 +31,7 @@ class SequenceClassificationTask(Task):
 
     @classmethod
     def fit_labels(cls, run: Any, table) -> LabelMap:
-        return LabelMap.from_values(table[run.label_column])
+        return class_labels(table[run.label_column], run.label_column)
 
     def __init__(
         self,
@@ -50,7 +52,7 @@ class SequenceClassificationTask(Task):
 
     def _labels_for(self, table) -> LabelMap:
         if self.labels is None:
-            self.labels = LabelMap.from_values(table[self.label_column])
+            self.labels = class_labels(table[self.label_column], self.label_column)
         return self.labels
 
     def encode_texts(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -107,6 +109,23 @@ class SequenceClassificationTask(Task):
             for p in probs
         ]
 
+    def report(self, scores: dict[str, Any], folder: str) -> None:
+        """Per split (eval_, test_, ...): the per-class table on stderr and confusion_matrix_<split>.png."""
+        from rich.console import Console
+
+        for key in [k for k in scores if k.endswith("confusion_matrix")]:
+            split = key.removesuffix("confusion_matrix").rstrip("_") or "eval"
+            split_scores = {
+                "per_class": scores[key.replace("confusion_matrix", "per_class")],
+                "confusion_matrix": scores[key],
+            }
+            Console(file=sys.stderr).print(M.report_table(split_scores, f"classification report ({split})"))
+            M.plot_confusion_matrix(
+                split_scores,
+                os.path.join(folder, f"confusion_matrix_{split}.png"),
+                f"confusion matrix ({split})",
+            )
+
     def describe(self) -> dict[str, Any]:
         return {
             "task": self.name,
@@ -115,3 +134,25 @@ class SequenceClassificationTask(Task):
             "label_column": self.label_column,
             "labels": self.labels.names if self.labels else None,
         }
+
+
+def class_labels(values: Sequence[Any], column: str) -> LabelMap:
+    """The classes of a label column, refusing columns that hold something other than classes: numbers with a
+    fractional part (regression targets) and lists (several labels per row)."""
+    values = list(values)
+    if any(isinstance(v, (list, tuple)) for v in values):
+        raise DataError(
+            f"Label column {column!r} holds lists: several labels per row. Use task: multi-label for that."
+        )
+    missing = next((i for i, v in enumerate(values) if v is None or (isinstance(v, float) and v != v)), None)
+    if missing is not None:
+        raise DataError(
+            f"Label column {column!r} is empty in row {missing}; every training row needs a label."
+        )
+    fractional = next((v for v in values if isinstance(v, float) and not v.is_integer()), None)
+    if fractional is not None:
+        raise DataError(
+            f"Label column {column!r} holds numbers such as {fractional!r}, not classes. For numeric targets use "
+            "task: regression (or num_labels: 1); for classes write them as integers or names."
+        )
+    return LabelMap.from_values(values)
