@@ -132,15 +132,20 @@ class Cleaning:
     strip_html: bool = False
     normalize_whitespace: bool = False
     normalize_unicode: bool = False
-    normalize_width: bool = (
-        False  # full-width ASCII forms and the ideographic space -> half-width (Chinese text)
-    )
     drop_empty: bool = False
     drop_duplicates: bool = True
+    # full-width ASCII forms and the ideographic space -> half-width (Chinese text)
+    normalize_width: bool = False
 
     @property
     def any_text_step(self) -> bool:
-        return self.strip_html or self.normalize_whitespace or self.normalize_unicode or self.drop_empty
+        return (
+            self.strip_html
+            or self.normalize_whitespace
+            or self.normalize_unicode
+            or self.normalize_width
+            or self.drop_empty
+        )
 
 
 _TAG = re.compile(r"<[^>]+>")
