@@ -12,7 +12,7 @@ from helpers import sentiment_rows, tiny_bert_folder, tiny_llama_folder, word_to
 from deltatune import LoraConfig, get_peft_model
 from deltatune.errors import DataError
 from deltatune.train import metrics as M
-from deltatune.train.data import Cleaning, clean_text, normalize_spaces, to_half_width
+from deltatune.train.data import Cleaning, LabelMap, clean_text, normalize_spaces, to_half_width
 from deltatune.train.recipe import load_recipe, load_run, train_from_recipe
 from deltatune.train.tasks import (
     TASKS,
@@ -428,3 +428,52 @@ def test_every_new_task_is_registered_with_its_recipe_head(tmp_path):
     run.generative = True
     assert TASKS["qa"].model_task(run) == "causal-lm"
     assert TASKS["regression"].head_kwargs(None)["num_labels"] == 1
+
+
+def test_every_new_task_predicts_from_json_rows_to_json(tmp_path):
+    """What a server does with any task: JSON rows in, JSON out (the generic endpoint calls task.predict)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BertForQuestionAnswering,
+        BertForSequenceClassification,
+    )
+
+    tok = word_tokenizer()
+    folder = tiny_llama_folder(str(tmp_path / "llama"))
+    llama_tok, llama = (
+        AutoTokenizer.from_pretrained(folder),
+        AutoModelForCausalLM.from_pretrained(folder).eval(),
+    )
+    multi = MultiLabelClassificationTask(tok, labels=LabelMap(["a", "b"]))
+    cases = [
+        (
+            QuestionAnsweringTask(tok),
+            tiny_bert(BertForQuestionAnswering),
+            '[{"question": "what was dull", "context": "the plot was dull"}]',
+        ),
+        (
+            RegressionTask(tok),
+            tiny_bert(BertForSequenceClassification, num_labels=1),
+            '[{"text": "good film"}]',
+        ),
+        (
+            multi,
+            tiny_bert(BertForSequenceClassification, num_labels=2),
+            '[{"text": "good film"}, {"text": "bad"}]',
+        ),
+        (
+            SummarizationTask(llama_tok, "document", "summary", max_new_tokens=2),
+            llama,
+            '[{"document": "good film"}]',
+        ),
+        (TranslationTask(llama_tok, max_new_tokens=2), llama, '[{"source": "good film"}]'),
+        (GenerativeQATask(llama_tok, max_new_tokens=2), llama, '[{"question": "q", "context": "good film"}]'),
+    ]
+    for task, model, rows in cases:
+        answers = task.predict(model.eval(), json.loads(rows))
+        assert len(answers) == len(json.loads(rows)) and json.loads(json.dumps(answers)) == answers
+    with pytest.raises(DataError, match="needs 'question' and 'context'"):
+        QuestionAnsweringTask(tok).predict(tiny_bert(BertForQuestionAnswering), [{"question": "q"}])
+    with pytest.raises(DataError, match="has no 'source'"):
+        TranslationTask(llama_tok).predict(llama, [{"text": "x"}])
