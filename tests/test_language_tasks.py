@@ -207,13 +207,31 @@ def test_qa_decoding_takes_the_best_span_over_windows_or_no_answer():
     # window 1 prefers "def" (2 + 2 = 4); window 2 prefers "def ghi" (3 + 3 = 6) -> the best over windows wins
     w1 = (window, logits([0, 0, 2, 0]), logits([0, 0, 2, 0]))
     w2 = (window, logits([0, 0, 3, 0]), logits([0, 0, 0, 3]))
-    assert task.best_span([w1, w2])[:1] == ("def ghi",)
+    assert task.decide(*task.best_span([w1, w2]))[0] == "def ghi"
     # a no-answer score (position 0) above every span's: ""
     w3 = (window, logits([9, 0, 3, 0]), logits([9, 0, 0, 3]))
-    assert task.best_span([w3])[0] == ""
+    assert task.decide(*task.best_span([w3]))[0] == ""
     # an end before its start is never chosen
     w4 = (window, logits([0, 0, 0, 5]), logits([0, 5, 0, 0]))
-    assert task.best_span([w4])[0] in ("ghi", "abc", "abc def ghi")
+    assert task.decide(*task.best_span([w4]))[0] in ("ghi", "abc")
+
+
+def test_qa_no_answer_threshold_is_fitted_for_the_best_f1(monkeypatch):
+    task = QuestionAnsweringTask(word_tokenizer())
+    # (best span, no-answer score) per question; margins span - null: -1, +1, -0.5
+    found = [(("x", 5.0, 0, 1), 6.0), (("y", 3.0, 0, 1), 2.0), (("z", 4.0, 0, 1), 4.5)]
+    features = [
+        {"example": 0, "answers": ["x"]},
+        {"example": 1, "answers": []},
+        {"example": 2, "answers": ["z"]},
+    ]
+    monkeypatch.setattr(task, "candidates", lambda model, feats, batch_size: (found, 0.0))
+    assert task.evaluate(None, features, 8)["f1"] == pytest.approx(
+        0.0
+    )  # threshold 0: y answered, x and z not
+    # thresholds tried: -2 (always answer): x, y, z -> F1 2/3; -1: y, z -> 1/3; -0.5 and 0: y -> 0; 1: none -> 1/3
+    assert task.calibrate(None, features, 8) == {"null_threshold": -2.0}
+    assert task.evaluate(None, features, 8)["f1"] == pytest.approx(200 / 3)
 
 
 def test_extractive_qa_trains_and_predicts_json_rows(tmp_path):

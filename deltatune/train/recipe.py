@@ -96,6 +96,7 @@ class RunConfig:
     )
     max_train_samples: int = 0  # 0: all rows; otherwise a seeded random subset
     max_eval_samples: int = 0
+    max_test_samples: int = 0
     split: list[float] = field(default_factory=lambda: [0.7, 0.2, 0.1])
     clean: dict[str, bool] = field(default_factory=dict)
     group_column: str | None = None  # rows sharing this column's value (a user, a document) stay in one split
@@ -119,6 +120,7 @@ class RunConfig:
     num_inference_steps: int = 20  # text-to-image sampling steps
     num_labels: int = 0  # 1 makes a seq-cls run a regression (one output, MSE); 0: from the data
     thresholds: list[float] | None = None  # multi-label: one decision threshold per label (a run fits them)
+    null_threshold: float = 0.0  # extractive qa: the margin a span needs over "no answer" (a run fits it)
     generative: bool = False  # qa: write the answer out (decoder/seq2seq models) instead of picking a span
     instruction: str | None = None  # summarization/translation/generative qa: the instruction a decoder sees
     source_lang: str = "zh"  # translation
@@ -487,6 +489,8 @@ def prepare_data(run: RunConfig, seed: int) -> tuple[dict[str, Any], dict[str, A
     tables["train"] = _subset(tables["train"], run.max_train_samples, seed)
     if "validation" in tables:
         tables["validation"] = _subset(tables["validation"], run.max_eval_samples, seed)
+    if "test" in tables:
+        tables["test"] = _subset(tables["test"], run.max_test_samples, seed)
     report = data_report(run, tables, rows_read, {"empty": empty, **report["dropped"]}, report, seed)
     return tables, report
 

@@ -85,7 +85,14 @@ class QuestionAnsweringTask(Task):
             return GenerativeQATask(
                 tokenizer, run.text_column, context, run.label_column, **from_run_kwargs(run)
             )
-        return cls(tokenizer, run.text_column, context, run.label_column, run.max_length)
+        return cls(
+            tokenizer,
+            run.text_column,
+            context,
+            run.label_column,
+            run.max_length,
+            null_threshold=run.null_threshold,
+        )
 
     def __init__(
         self,
@@ -97,6 +104,7 @@ class QuestionAnsweringTask(Task):
         doc_stride: int = 128,
         max_answer_tokens: int = 30,
         n_best: int = 20,
+        null_threshold: float = 0.0,
     ) -> None:
         super().__init__(tokenizer, max_length)
         if tokenizer is not None and not getattr(tokenizer, "is_fast", False):
@@ -109,6 +117,7 @@ class QuestionAnsweringTask(Task):
             answers_column,
         )
         self.doc_stride, self.max_answer_tokens, self.n_best = doc_stride, max_answer_tokens, n_best
+        self.null_threshold = null_threshold  # see `calibrate`
 
     # --- windows ---------------------------------------------------------------------------------------------
     def windows(self, questions: list[str], contexts: list[str]) -> list[dict[str, Any]]:
@@ -193,9 +202,10 @@ class QuestionAnsweringTask(Task):
 
     # --- decoding --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def answers(self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int):
-        """Per example (in order): (answer text, score, start char, end char); "" when no answer wins. Also the
-        mean loss when the features carry gold positions."""
+    @torch.no_grad()
+    def candidates(self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int):
+        """Per example (in order): (best span or None, no-answer score), a span being (text, score, start char,
+        end char); and the mean loss when the features carry gold positions."""
         device, loss_total, by_example = _device_of(model), 0.0, defaultdict(list)
         for chunk in _batches(list(features), batch_size):
             batch = to_device(self.collate(chunk), device)
@@ -204,10 +214,11 @@ class QuestionAnsweringTask(Task):
                 loss_total += float(self.loss_from(start, end, batch)) * len(chunk)
             for f, s, e in zip(chunk, start.cpu(), end.cpu()):
                 by_example[f["example"]].append((f, s[: len(f["input_ids"])], e[: len(f["input_ids"])]))
-        results = {example: self.best_span(windows) for example, windows in by_example.items()}
-        return [results[k] for k in sorted(results)], loss_total / max(1, len(features))
+        found = {example: self.best_span(windows) for example, windows in by_example.items()}
+        return [found[k] for k in sorted(found)], loss_total / max(1, len(features))
 
-    def best_span(self, windows) -> tuple[str, float, int, int]:
+    def best_span(self, windows) -> tuple[tuple[str, float, int, int] | None, float]:
+        """The best-scoring valid span over a question's windows, and the lowest no-answer score among them."""
         best, null_score = None, float("inf")
         for f, start, end in windows:
             offsets = f["offsets"]
@@ -227,18 +238,41 @@ class QuestionAnsweringTask(Task):
                     if best is None or score > best[1]:
                         a, b = offsets[i][0], offsets[j][1]
                         best = (f["context"][a:b], score, a, b)
-        if best is None or null_score > best[1]:
+        return best, null_score
+
+    def decide(self, span, null_score: float) -> tuple[str, float, int, int]:
+        """The span when it beats the no-answer score by more than `null_threshold`, else no answer ("")."""
+        if span is None or span[1] - null_score <= self.null_threshold:
             return "", null_score, -1, -1
-        return best
+        return span
 
     def evaluate(
         self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int
     ) -> dict[str, Any]:
-        predicted, loss = self.answers(model, features, batch_size)
+        found, loss = self.candidates(model, features, batch_size)
         golds = {f["example"]: f["answers"] for f in features}
-        result = M.qa_scores([p[0] for p in predicted], [golds[k] for k in sorted(golds)])
+        result = M.qa_scores([self.decide(*c)[0] for c in found], [golds[k] for k in sorted(golds)])
         result["eval_loss"] = loss
         return result
+
+    def calibrate(
+        self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int
+    ) -> dict[str, Any]:
+        """SQuAD 2.0's no-answer threshold: the margin a span must beat the no-answer score by, chosen for the best
+        F1 on held-out `features` (a recipe uses the validation split and then scores the test split with it).
+        Candidates are 0 and every observed margin; ties go to the one nearest 0."""
+        found, _ = self.candidates(model, features, batch_size)
+        golds = {f["example"]: f["answers"] for f in features}
+        golds = [golds[k] for k in sorted(golds)]
+        margins = sorted({0.0} | {span[1] - null for span, null in found if span is not None})
+        options = [margins[0] - 1.0] + margins  # below every margin: always answer with the span
+
+        def f1_at(threshold: float) -> float:
+            self.null_threshold = threshold
+            return M.qa_scores([self.decide(*c)[0] for c in found], golds)["f1"]
+
+        self.null_threshold = max(options, key=lambda t: (f1_at(t), -abs(t)))
+        return {"null_threshold": self.null_threshold}
 
     def predict(
         self, model: nn.Module, rows: Sequence[dict[str, Any]], batch_size: int = 16
@@ -251,8 +285,11 @@ class QuestionAnsweringTask(Task):
         features = self.windows(questions, contexts)
         for f in features:
             f["context"] = contexts[f["example"]]
-        predicted, _ = self.answers(model, features, batch_size)
-        return [{"answer": text, "score": score, "start": a, "end": b} for text, score, a, b in predicted]
+        found, _ = self.candidates(model, features, batch_size)
+        return [
+            {"answer": text, "score": score, "start": a, "end": b}
+            for text, score, a, b in (self.decide(*c) for c in found)
+        ]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -260,6 +297,7 @@ class QuestionAnsweringTask(Task):
             "question_column": self.question_column,
             "context_column": self.context_column,
             "answers_column": self.answers_column,
+            "null_threshold": self.null_threshold,
         }
 
 
