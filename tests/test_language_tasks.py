@@ -434,7 +434,11 @@ def test_recipe_classification_writes_the_confusion_matrix_and_refuses_float_lab
     assert "classification report (test)" in capsys.readouterr().err
     write_csv(str(tmp_path / "float.csv"), [("good", 0.3), ("bad", 0.9)] * 10)
     with pytest.raises(DataError, match="task: regression"):
-        train_from_recipe(recipe(tmp_path, model=model, train_file=str(tmp_path / "float.csv")))
+        train_from_recipe(
+            recipe(
+                tmp_path, model=model, train_file=str(tmp_path / "float.csv"), output_dir=str(tmp_path / "f")
+            )
+        )
 
 
 def test_every_new_task_is_registered_with_its_recipe_head(tmp_path):
