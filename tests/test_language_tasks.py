@@ -7,6 +7,7 @@ import math
 import datasets
 import pytest
 import torch
+import yaml
 from helpers import sentiment_rows, tiny_bert_folder, tiny_llama_folder, word_tokenizer, write_csv
 
 from deltatune import LoraConfig, get_peft_model
@@ -499,3 +500,68 @@ def test_every_new_task_predicts_from_json_rows_to_json(tmp_path):
         QuestionAnsweringTask(tok).predict(tiny_bert(BertForQuestionAnswering), [{"question": "q"}])
     with pytest.raises(DataError, match="has no 'source'"):
         TranslationTask(llama_tok).predict(llama, [{"text": "x"}])
+    with pytest.raises(DataError, match="has no 'text'"):
+        multi.predict(cases[2][1], [{"sentence": "good film"}])
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(path)
+
+
+def test_runs_are_served_by_post_v1_predict_with_what_they_fitted(tmp_path):
+    """Each whole run (base, adapter, head, fitted thresholds) answers POST /v1/predict as `predict` does; the
+    server infers the task from the runs and refuses what the run cannot answer."""
+    from fastapi.testclient import TestClient
+
+    from deltatune.apps.serve import ServeSettings, create_app
+    from deltatune.apps.serve.app import build_engine
+    from deltatune.train.task_inference import infer_task
+
+    model = tiny_bert_folder(str(tmp_path / "bert"))
+    tags = [["pos", "film"], ["neg"], [], ["pos"]]
+    labelled = [
+        {"text": text, "label": tag}
+        for text, tag in zip(["good film", "bad plot", "dull", "good plot"] * 3, tags * 3)
+    ]
+    multi = write_jsonl(tmp_path / "multi.jsonl", labelled)
+    qa_rows = [
+        {"question": q, "context": c, "answers": {"text": a["text"], "answer_start": a["answer_start"]}}
+        for q, c, a in zip(*QA_ROWS.values())
+    ] * 3
+    qa = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    runs = {
+        "tags": dict(task="multi-label", train_file=multi, eval_file=multi, eval_overlap="keep"),
+        "reader": dict(task="qa", train_file=qa, eval_file=qa, eval_overlap="keep", max_length=32),
+    }
+    for name, keys in runs.items():
+        train_from_recipe(recipe(tmp_path, model=model, output_dir=str(tmp_path / name), **keys))
+    saved = {name: yaml.safe_load((tmp_path / name / "run_config.yaml").read_text()) for name in runs}
+    assert len(saved["tags"]["thresholds"]) == 3 and "null_threshold" in saved["reader"]
+    asks = {
+        "tags": [{"text": "good film"}, {"text": "bad plot"}],
+        "reader": [{"question": "what was dull", "context": CONTEXT}],
+    }
+    for name, rows in asks.items():
+        folder = str(tmp_path / name)
+        task_name, _ = infer_task(None, {name: folder})
+        assert task_name == runs[name]["task"]
+        engine = build_engine(None, {name: folder}, task_name)
+        served_task = engine.runs[name][1]
+        if name == "tags":
+            assert served_task.thresholds == saved["tags"]["thresholds"]
+        else:
+            assert served_task.null_threshold == saved["reader"]["null_threshold"]
+        cli_model, cli_task, _ = load_run(folder)  # what `deltatune predict` loads
+        expected = json.loads(json.dumps(cli_task.predict(cli_model, rows)))
+        with TestClient(create_app(engine, ServeSettings(max_batch_size=4))) as client:
+            reply = client.post("/v1/predict", json={"adapter": name, "rows": rows})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["results"] == expected
+            assert client.post("/v1/predict", json={"adapter": name, "rows": [{"x": "y"}]}).status_code == 400
+            assert client.post("/v1/predict", json={"adapter": "nope", "rows": rows}).status_code == 404
+            assert client.post("/v1/predict", json={"adapter": name, "rows": rows * 5}).status_code == 413
+            assert client.post("/v1/classify", json={"inputs": "good", "adapter": name}).status_code == 400
+    with pytest.raises(ValueError, match="drop --model"):
+        build_engine(model, {"tags": str(tmp_path / "tags")}, "multi-label")

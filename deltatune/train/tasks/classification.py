@@ -55,6 +55,19 @@ class SequenceClassificationTask(Task):
             self.labels = class_labels(table[self.label_column], self.label_column)
         return self.labels
 
+    def row_texts(self, rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[str] | None]:
+        """(texts, pairs) of `predict`'s rows; a row without the run's text column is an error naming it."""
+        needed = [c for c in (self.text_column, self.text_pair_column) if c]
+        for i, row in enumerate(rows):
+            missing = [c for c in needed if c not in row]
+            if missing:
+                raise DataError(
+                    f"Row {i} has no {missing[0]!r}; this run reads {', '.join(map(repr, needed))}."
+                )
+        texts = [str(r[self.text_column]) for r in rows]
+        pairs = [str(r[self.text_pair_column]) for r in rows] if self.text_pair_column else None
+        return texts, pairs
+
     def encode_texts(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[dict[str, Any]]:
         enc = self.tokenizer(
             list(texts),
@@ -96,8 +109,7 @@ class SequenceClassificationTask(Task):
     def predict(
         self, model: nn.Module, rows: Sequence[dict[str, Any]], batch_size: int = 32
     ) -> list[dict[str, Any]]:
-        texts = [str(r[self.text_column]) for r in rows]
-        pairs = [str(r[self.text_pair_column]) for r in rows] if self.text_pair_column else None
+        texts, pairs = self.row_texts(rows)
         probs = self.scores(model, self.encode_texts(texts, pairs), batch_size)
         names = self.labels.names
         return [

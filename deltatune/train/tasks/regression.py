@@ -89,8 +89,7 @@ class RegressionTask(SequenceClassificationTask):
     def predict(
         self, model: nn.Module, rows: Sequence[dict[str, Any]], batch_size: int = 32
     ) -> list[dict[str, Any]]:
-        texts = [str(r[self.text_column]) for r in rows]
-        pairs = [str(r[self.text_pair_column]) for r in rows] if self.text_pair_column else None
+        texts, pairs = self.row_texts(rows)
         values = self.scores(model, self.encode_texts(texts, pairs), batch_size)
         return [{"value": float(v)} for v in values]
 
