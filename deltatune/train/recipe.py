@@ -1,7 +1,8 @@
 """Recipes: a YAML file and/or `--key value` flags -> a trained, evaluated, saved adapter.
 
     model: all-minilm-l6-v2          # folder, hub name, .gguf file or packaged alias
-    task: seq-cls                    # seq-cls | token-cls | causal-lm | seq2seq
+    task: seq-cls                    # one of deltatune.train.tasks.TASKS: seq-cls, regression, multi-label,
+                                     # token-cls, qa, causal-lm, seq2seq, summarization, translation, ...
     method: lora                     # lora | rslora | dora | qlora | ... (`deltatune train --help` lists them)
     lora: {r: 8, lora_alpha: 16}     # the method's options, under its name
     train_file: data/train.csv
@@ -95,6 +96,7 @@ class RunConfig:
     )
     max_train_samples: int = 0  # 0: all rows; otherwise a seeded random subset
     max_eval_samples: int = 0
+    max_test_samples: int = 0
     split: list[float] = field(default_factory=lambda: [0.7, 0.2, 0.1])
     clean: dict[str, bool] = field(default_factory=dict)
     group_column: str | None = None  # rows sharing this column's value (a user, a document) stay in one split
@@ -116,6 +118,14 @@ class RunConfig:
     image_size: int | None = None  # images are resized to image_size x image_size (default: the task's)
     image_column: str | None = None  # default: image
     num_inference_steps: int = 20  # text-to-image sampling steps
+    num_labels: int = 0  # 1 makes a seq-cls run a regression (one output, MSE); 0: from the data
+    thresholds: list[float] | None = None  # multi-label: one decision threshold per label (a run fits them)
+    null_threshold: float = 0.0  # extractive qa: the margin a span needs over "no answer" (a run fits it)
+    generative: bool = False  # qa: write the answer out (decoder/seq2seq models) instead of picking a span
+    instruction: str | None = None  # summarization/translation/generative qa: the instruction a decoder sees
+    source_lang: str = "zh"  # translation
+    target_lang: str = "en"
+    eval_before: bool = False  # also score the untuned base model on the validation and test splits
 
     def __post_init__(self) -> None:
         check_fields(self, "the recipe")
@@ -416,7 +426,7 @@ def make_peft_config(
     if "total_step" in names and kwargs.get("total_step") is None:
         kwargs["total_step"] = total_steps
     if "task_type" in names:
-        kwargs.setdefault("task_type", (task or TASKS[run.task]).task_type)
+        kwargs.setdefault("task_type", (task or TASKS[run.task]).adapter_task_type(run))
     extra = task.modules_to_save(model) if task is not None and model is not None else []
     if extra:
         if "modules_to_save" not in names:
@@ -479,6 +489,8 @@ def prepare_data(run: RunConfig, seed: int) -> tuple[dict[str, Any], dict[str, A
     tables["train"] = _subset(tables["train"], run.max_train_samples, seed)
     if "validation" in tables:
         tables["validation"] = _subset(tables["validation"], run.max_eval_samples, seed)
+    if "test" in tables:
+        tables["test"] = _subset(tables["test"], run.max_test_samples, seed)
     report = data_report(run, tables, rows_read, {"empty": empty, **report["dropped"]}, report, seed)
     return tables, report
 
@@ -495,9 +507,11 @@ def load_data(run: RunConfig, seed: int) -> tuple[dict[str, Any], dict[str, Any]
 def prepare_tables(run: RunConfig, tables: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
     """Check the configured columns exist in every table (evaluation files need the label column too, so a
     missing one is found before training, not after it) and apply the chosen text cleaning."""
-    default_text, default_label = TASKS[run.task].default_columns
+    task = TASKS[run.task]
+    default_text, default_label = task.default_columns
     run.text_column = run.text_column or default_text
     run.label_column = run.label_column or default_label
+    run.text_pair_column = run.text_pair_column or task.default_pair_column
     cleaning = Cleaning(**run.clean)
     for name, table in tables.items():
         columns = {
@@ -540,7 +554,9 @@ def row_keys(run: RunConfig, table) -> tuple[list[str], list[str]]:
     answer = (
         (lambda v: normalize_text(v) if isinstance(v, list) else str(v))
         if has_classes(run)
-        else normalize_text
+        else (
+            lambda v: normalize_text(v) if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+        )
     )
     return inputs, [answer(v) for v in column(table, answer_column)]
 
@@ -764,13 +780,7 @@ def load_base(run: RunConfig, labels: LabelMap | None):
 
     from deltatune.models import load_model_and_tokenizer
 
-    kwargs: dict[str, Any] = {}
-    if labels is not None:
-        kwargs = {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels.names)),
-            "label2id": {n: i for i, n in enumerate(labels.names)},
-        }
+    kwargs = TASKS[run.task].head_kwargs(labels)
     built = TASKS[run.task].build_model(run, labels)
     if built is not None:
         return built
@@ -805,6 +815,8 @@ def train_from_recipe(raw: dict[str, Any]) -> dict[str, Any]:
     from deltatune.model import get_peft_model
 
     run, train_cfg, options = split_recipe(raw)
+    if run.num_labels == 1 and run.task == "seq-cls":
+        run.task = "regression"  # one output: transformers' convention for regression
     make_peft_config(run, options, train_cfg.max_steps or 10**6)  # fail on bad options before slow loading
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
@@ -851,16 +863,38 @@ def train_from_recipe(raw: dict[str, Any]) -> dict[str, Any]:
         teacher=teacher,
         run_fingerprint=run_fingerprint(run, options),
     )
+    before = evaluate_base(trainer, features) if run.eval_before else {}
     summary = trainer.train()  # saves the adapter, then evaluates
-    if trainer.is_main and continuing:
+    results = {**before, **summary["final"]}
+    fitted = {}
+    if features.get("validation") and trainer.is_main:  # e.g. multi-label thresholds, QA's no-answer margin
+        batch_size = train_cfg.eval_batch_size or 2 * train_cfg.batch_size
+        fitted = task.calibrate(trainer.unwrapped, features["validation"], batch_size)
+        for key, value in fitted.items():
+            setattr(run, key, value)
+    if trainer.is_main and (continuing or fitted):
         write_run_files(raw, run, report, train_cfg.output_dir)
-    results = dict(summary["final"])
     if features.get("test"):
         results.update(trainer.evaluate(features["test"], prefix="test"))
     if trainer.is_main:
         with open(os.path.join(train_cfg.output_dir, "metrics.json"), "w") as fh:
             json.dump(results, fh, indent=2)
+        task.report(results, train_cfg.output_dir)
     return {"metrics": results, "summary": summary}
+
+
+def evaluate_base(trainer: Trainer, features: dict[str, Any]) -> dict[str, Any]:
+    """Scores of the untuned base model (adapters switched off) on the validation and test splits, keyed
+    before_eval_* and before_test_*: the "before" of a before/after comparison."""
+    model = trainer.unwrapped
+    model.to(trainer.device)
+    scores: dict[str, Any] = {}
+    with model.disable_adapter():
+        for split, prefix in (("validation", "eval"), ("test", "test")):
+            if features.get(split):
+                found = trainer.evaluate(features[split], prefix=prefix)
+                scores.update({f"before_{k}": v for k, v in found.items()})
+    return scores
 
 
 def claim_run_dir(train_cfg: TrainConfig) -> None:

@@ -24,7 +24,11 @@ CLASSIFIER_TASKS = ("seq-cls", "token-cls")
 def task_of_adapters(adapters: dict[str, str]) -> dict[str, str]:
     """Adapter name -> task name: the task of the run that wrote the folder (its run_config.yaml) when there is
     one, else the task its config's task_type stands for."""
-    by_type = {task.task_type: name for name, task in TASKS.items() if task.task_type}
+    # the first task of each task_type: regression and multi-label are SEQ_CLS adapters too
+    by_type: dict[str, str] = {}
+    for name, task in TASKS.items():
+        if task.task_type:
+            by_type.setdefault(task.task_type, name)
     found = {}
     for name, path in adapters.items():
         run_task = _run_task(path)

@@ -35,6 +35,7 @@ from deltatune.apps.serve.http import (
 )
 from deltatune.apps.serve.openai_api import add_openai_routes
 from deltatune.apps.serve.recommend import RecommendEngine, RecommendRequest
+from deltatune.apps.serve.runs import RUN_TASKS, RunEngine
 from deltatune.apps.serve.server import Server, ServeSettings, Strict, default_max_connections, strings_in
 from deltatune.apps.serve.vision import VISION_ENDPOINTS, ImageRequest, VisionEngine, check_rows
 
@@ -68,9 +69,7 @@ class LoadRequest(Strict):
     path: str
 
 
-def create_app(
-    engine: Engine | RecommendEngine | VisionEngine, settings: ServeSettings | None = None
-) -> FastAPI:
+def create_app(engine: Engine | RunEngine | VisionEngine, settings: ServeSettings | None = None) -> FastAPI:
     """The HTTP app around `engine`; all model work runs on the scheduler's thread."""
     settings = settings or ServeSettings()
     token = settings.admin_token or os.environ.get("DELTATUNE_ADMIN_TOKEN") or None
@@ -312,20 +311,21 @@ def create_app(
 
 def build_engine(
     model: str | None, adapters: dict[str, str], task: str = "seq-cls"
-) -> Engine | RecommendEngine | VisionEngine:
-    """Load the base model and the operator's adapters (trusted folders, named at start). Rec and vision runs
-    bring their own base model (named in each run's config), so `model` must then be None."""
+) -> Engine | RunEngine | VisionEngine:
+    """Load the base model and the operator's adapters (trusted folders, named at start). Rec runs, the runs of
+    RUN_TASKS (qa, summarization, ...) and vision runs bring their own base model (named in each run's config), so
+    `model` must then be None."""
     from deltatune.models import load_model_and_tokenizer
 
-    if task == "rec":
+    if task == "rec" or task in RUN_TASKS:
         if model is not None:
             raise ValueError(
-                "task rec serves whole runs, each with the base model it was trained on; drop --model."
+                f"task {task} serves whole runs, each with the base model it was trained on; drop --model."
             )
-        rec = RecommendEngine()
+        runs = RecommendEngine() if task == "rec" else RunEngine(task)
         for name, path in adapters.items():
-            rec.load(name, path)
-        return rec
+            runs.load(name, path)
+        return runs
     if task in VISION_ENDPOINTS:
         if model is not None:
             raise ValueError(

@@ -10,15 +10,13 @@ tasks.
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any
 
 from pydantic import Field
 
-from deltatune.apps.serve.batching import AdapterError
 from deltatune.apps.serve.http import Text
+from deltatune.apps.serve.runs import RunEngine
 from deltatune.apps.serve.server import Strict
-from deltatune.errors import ConfigError, DeltatuneError
 
 Items = Annotated[list[Text], Field(max_length=1024)]
 
@@ -39,50 +37,11 @@ class RecommendRequest(Strict):
         return {k: v for k, v in self.model_dump().items() if v is not None and k != "adapter"}
 
 
-class RecommendEngine:
-    """Named rec runs, each a (model, task) pair from `load_run`; every method but `read_adapter` is called from
-    the model thread only."""
-
-    task = "rec"
-    tokenizer = None  # each run tokenizes with its own; the server tokenizes nothing for /v1/recommend
+class RecommendEngine(RunEngine):
+    """Named rec runs (see RunEngine), answering one row per /v1/recommend request."""
 
     def __init__(self) -> None:
-        self.runs: dict[str, tuple[Any, Any]] = {}
-        self.paths: dict[str, str] = {}
-
-    @property
-    def adapters(self) -> list[str]:
-        return list(self.paths)
-
-    @staticmethod
-    def read_adapter(path: str) -> tuple[Any, Any]:
-        """Load a rec run (its base model included); any thread, nothing served is touched."""
-        from deltatune.train.recipe import load_run
-
-        try:
-            model, task, run = load_run(path)
-        except (DeltatuneError, OSError) as err:
-            raise AdapterError(f"Could not load the rec run: {err}") from err
-        if run.task != "rec":
-            raise AdapterError(f"This run was trained with task {run.task!r}; /v1/recommend serves task rec.")
-        return model, task
-
-    def install(self, name: str, run: tuple[Any, Any], path: str) -> None:
-        if name in self.paths:
-            raise ConfigError(f"A run named {name!r} is already loaded; unload it first or pick a new name.")
-        self.runs[name] = run
-        self.paths[name] = path
-
-    def load(self, name: str, path: str) -> None:
-        self.install(name, self.read_adapter(path), os.path.abspath(path))
-
-    def unload(self, name: str) -> None:
-        del self.runs[name]
-        del self.paths[name]
-
-    def predict(self, name: str, rows: list[dict[str, Any]]) -> list[Any]:
-        model, task = self.runs[name]
-        return task.predict(model, rows)
+        super().__init__("rec")
 
     def recommend(self, name: str, row: dict[str, Any]) -> dict[str, Any]:
         return self.predict(name, [row])[0]

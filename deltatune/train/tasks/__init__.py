@@ -18,20 +18,31 @@ from deltatune.train.tasks.classification import SequenceClassificationTask
 from deltatune.train.tasks.custom import CustomTask
 from deltatune.train.tasks.detection import DetectionTask
 from deltatune.train.tasks.image_classification import ImageClassificationTask, image_folder
+from deltatune.train.tasks.multilabel import MultiLabelClassificationTask
+from deltatune.train.tasks.qa import GenerativeQATask, QuestionAnsweringTask
 from deltatune.train.tasks.rec import RecTask
+from deltatune.train.tasks.regression import RegressionTask
 from deltatune.train.tasks.segmentation import SegmentationTask
 from deltatune.train.tasks.seq2seq import Seq2SeqTask
+from deltatune.train.tasks.summarization import SummarizationTask
 from deltatune.train.tasks.text_to_image import TextToImageTask
+from deltatune.train.tasks.text_to_text import TextToTextTask
 from deltatune.train.tasks.token_classification import TokenClassificationTask
+from deltatune.train.tasks.translation import TranslationTask
 
 # recipe name -> task class
 TASKS: dict[str, type[Task]] = {
     task.name: task
     for task in (
         SequenceClassificationTask,
+        RegressionTask,
+        MultiLabelClassificationTask,
         TokenClassificationTask,
+        QuestionAnsweringTask,
         CausalLMTask,
         Seq2SeqTask,
+        SummarizationTask,
+        TranslationTask,
         ImageClassificationTask,
         DetectionTask,
         SegmentationTask,
@@ -46,15 +57,22 @@ __all__ = [
     "CausalLMTask",
     "CustomTask",
     "DetectionTask",
+    "GenerativeQATask",
     "ImageClassificationTask",
+    "MultiLabelClassificationTask",
+    "QuestionAnsweringTask",
     "RecTask",
+    "RegressionTask",
     "SegmentationTask",
     "Seq2SeqTask",
     "SequenceClassificationTask",
     "StepOutput",
+    "SummarizationTask",
     "Task",
     "TextToImageTask",
+    "TextToTextTask",
     "TokenClassificationTask",
+    "TranslationTask",
     "evaluating",
     "image_folder",
     "logits_of",

@@ -90,6 +90,7 @@ class Task:
     greater_is_better = False
     task_type: str | None = None  # the adapter config's task_type (peft's TaskType value)
     default_columns: tuple[str | None, str | None] = (None, None)  # (text, label) when a recipe names none
+    default_pair_column: str | None = None  # a second text column the task reads (QA: the context)
 
     @classmethod
     def from_run(cls, run: Any, tokenizer: Any, labels: LabelMap | None) -> Task:
@@ -148,6 +149,24 @@ class Task:
         pipelines); None: a transformers model with the task's head is loaded from `run.model`."""
         return None
 
+    @classmethod
+    def adapter_task_type(cls, run: Any) -> str | None:
+        """The adapter config's task_type for this run (it decides which head is saved with the adapter)."""
+        return cls.task_type
+
+    @classmethod
+    def head_kwargs(cls, labels: LabelMap | None) -> dict[str, Any]:
+        """from_pretrained kwargs that size a fresh head for the labels the run learns (a checkpoint's own head of
+        another size is replaced, not an error: the run trains the head it needs)."""
+        if labels is None:
+            return {}
+        return {
+            "ignore_mismatched_sizes": True,
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels.names)),
+            "label2id": {n: i for i, n in enumerate(labels.names)},
+        }
+
     def __init__(self, tokenizer: Any = None, max_length: int = 256) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -183,6 +202,16 @@ class Task:
     def on_save(self, model: nn.Module, output_dir: str) -> None:
         """Called after a run saves its adapter: a task may write extra files (text-to-image writes the LoRA in
         diffusers' format too)."""
+        return None
+
+    def calibrate(self, model: nn.Module, features: Sequence[Any], batch_size: int) -> dict[str, Any]:
+        """Fit what the task decides after training on held-out features (multi-label: the per-label thresholds);
+        returns the recipe keys to save with the run. Most tasks have nothing to fit."""
+        return {}
+
+    def report(self, scores: dict[str, Any], folder: str) -> None:
+        """Write what a reader wants to see beside the numbers (classification: the per-class table in the log and
+        the confusion matrix as a PNG in the run folder). Most tasks have nothing beyond their metrics."""
         return None
 
     def describe(self) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""Sequence classification: one text (or a pair of texts) -> one label."""
+"""Sequence classification: one text (or a pair of texts) -> one label, with a per-class report."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.train import metrics as M
-from deltatune.train.data import LabelMap
+from deltatune.train.data import DataError, LabelMap
 from deltatune.train.tasks.base import Task, _batches, _device_of, logits_of, to_device
 
 
@@ -29,7 +31,7 @@ class SequenceClassificationTask(Task):
 
     @classmethod
     def fit_labels(cls, run: Any, table) -> LabelMap:
-        return LabelMap.from_values(table[run.label_column])
+        return class_labels(table[run.label_column], run.label_column)
 
     def __init__(
         self,
@@ -50,8 +52,21 @@ class SequenceClassificationTask(Task):
 
     def _labels_for(self, table) -> LabelMap:
         if self.labels is None:
-            self.labels = LabelMap.from_values(table[self.label_column])
+            self.labels = class_labels(table[self.label_column], self.label_column)
         return self.labels
+
+    def row_texts(self, rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[str] | None]:
+        """(texts, pairs) of `predict`'s rows; a row without the run's text column is an error naming it."""
+        needed = [c for c in (self.text_column, self.text_pair_column) if c]
+        for i, row in enumerate(rows):
+            missing = [c for c in needed if c not in row]
+            if missing:
+                raise DataError(
+                    f"Row {i} has no {missing[0]!r}; this run reads {', '.join(map(repr, needed))}."
+                )
+        texts = [str(r[self.text_column]) for r in rows]
+        pairs = [str(r[self.text_pair_column]) for r in rows] if self.text_pair_column else None
+        return texts, pairs
 
     def encode_texts(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[dict[str, Any]]:
         enc = self.tokenizer(
@@ -94,8 +109,7 @@ class SequenceClassificationTask(Task):
     def predict(
         self, model: nn.Module, rows: Sequence[dict[str, Any]], batch_size: int = 32
     ) -> list[dict[str, Any]]:
-        texts = [str(r[self.text_column]) for r in rows]
-        pairs = [str(r[self.text_pair_column]) for r in rows] if self.text_pair_column else None
+        texts, pairs = self.row_texts(rows)
         probs = self.scores(model, self.encode_texts(texts, pairs), batch_size)
         names = self.labels.names
         return [
@@ -107,6 +121,23 @@ class SequenceClassificationTask(Task):
             for p in probs
         ]
 
+    def report(self, scores: dict[str, Any], folder: str) -> None:
+        """Per split (eval_, test_, ...): the per-class table on stderr and confusion_matrix_<split>.png."""
+        from rich.console import Console
+
+        for key in [k for k in scores if k.endswith("confusion_matrix")]:
+            split = key.removesuffix("confusion_matrix").rstrip("_") or "eval"
+            split_scores = {
+                "per_class": scores[key.replace("confusion_matrix", "per_class")],
+                "confusion_matrix": scores[key],
+            }
+            Console(file=sys.stderr).print(M.report_table(split_scores, f"classification report ({split})"))
+            M.plot_confusion_matrix(
+                split_scores,
+                os.path.join(folder, f"confusion_matrix_{split}.png"),
+                f"confusion matrix ({split})",
+            )
+
     def describe(self) -> dict[str, Any]:
         return {
             "task": self.name,
@@ -115,3 +146,25 @@ class SequenceClassificationTask(Task):
             "label_column": self.label_column,
             "labels": self.labels.names if self.labels else None,
         }
+
+
+def class_labels(values: Sequence[Any], column: str) -> LabelMap:
+    """The classes of a label column, refusing columns that hold something other than classes: numbers with a
+    fractional part (regression targets) and lists (several labels per row)."""
+    values = list(values)
+    if any(isinstance(v, (list, tuple)) for v in values):
+        raise DataError(
+            f"Label column {column!r} holds lists: several labels per row. Use task: multi-label for that."
+        )
+    missing = next((i for i, v in enumerate(values) if v is None or (isinstance(v, float) and v != v)), None)
+    if missing is not None:
+        raise DataError(
+            f"Label column {column!r} is empty in row {missing}; every training row needs a label."
+        )
+    fractional = next((v for v in values if isinstance(v, float) and not v.is_integer()), None)
+    if fractional is not None:
+        raise DataError(
+            f"Label column {column!r} holds numbers such as {fractional!r}, not classes. For numeric targets use "
+            "task: regression (or num_labels: 1); for classes write them as integers or names."
+        )
+    return LabelMap.from_values(values)
