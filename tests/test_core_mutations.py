@@ -2,15 +2,19 @@
 the rest of the suite let live (see docs/mutation.md): each pins one behaviour to an exact value, an exact error or
 the exact state left after a failure, on models small enough to run in milliseconds."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import tiny_llama
 from torch import nn
 
 import deltatune as dt
 from deltatune import checkpoint
-from deltatune.errors import CheckpointError, ConfigError, MergeError
+from deltatune.errors import CheckpointError, ConfigError, MergeError, UnsupportedModelError
 from deltatune.layer import AdapterLayer, ModulesToSave
+from deltatune.methods.lora.layers import LoraConv, layer_class_for
 
 
 def one_linear(n_adapters=2, dtype=torch.float32, seed=0):
@@ -335,3 +339,239 @@ def test_embedding_entries_are_the_base_embedding_tensors():
     assert out["base_model.model.lm_head.weight"] is base.lm_head.weight
     assert len(out) == 2
     assert checkpoint.embedding_entries(nn.Linear(2, 2)) == {}
+
+
+# --- methods/lora/layers.py ------------------------------------------------------------------------------------
+def wrap(module, name="a0", **config):
+    """`module` wrapped by its LoRA layer with one adapter (B random unless init says otherwise)."""
+    torch.manual_seed(0)
+    layer = layer_class_for(module)(module)
+    config = dt.LoraConfig(**{"r": 2, "target_modules": ["x"], **config})
+    layer.add(name, config.r, config.lora_alpha, config)
+    layer.set_adapter(name)
+    return layer
+
+
+def randomize(layer):
+    with torch.no_grad():
+        for attr in layer.adapter_attrs[:2]:
+            for tensor in getattr(layer, attr).parameters():
+                tensor.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("rslora, expected", [(False, 8 / 4), (True, 8 / 2)])
+def test_scaling_is_alpha_over_r_or_over_its_root(rslora, expected):
+    layer = wrap(nn.Linear(6, 5), r=4, lora_alpha=8, use_rslora=rslora, lora_dropout=0.25)
+    assert layer.scaling == {"a0": expected} and layer.r == {"a0": 4} and layer.dropout == {"a0": 0.25}
+    assert tuple(layer.lora_A["a0"].weight.shape) == (4, 6) and tuple(layer.lora_B["a0"].weight.shape) == (
+        5,
+        4,
+    )
+    with pytest.raises(ConfigError, match="^Adapter 'a0' already exists on this layer.$"):
+        layer.add("a0", 4, 8, dt.LoraConfig(r=4))
+
+
+def test_factors_train_in_float32_on_a_half_base_and_in_the_base_dtype_otherwise():
+    assert wrap(nn.Linear(4, 4).to(torch.bfloat16)).lora_A["a0"].weight.dtype == torch.float32
+    assert wrap(nn.Linear(4, 4).to(torch.float16)).lora_B["a0"].weight.dtype == torch.float32
+    assert wrap(nn.Linear(4, 4).to(torch.float64)).lora_A["a0"].weight.dtype == torch.float64
+    assert wrap(nn.Embedding(5, 4).to(torch.float64)).lora_embedding_A["a0"].dtype == torch.float64
+
+
+def test_inits_set_the_factors_they_promise():
+    plain = wrap(nn.Linear(512, 4), r=8)
+    assert not plain.lora_B["a0"].weight.any()
+    bound = 1 / 512**0.5  # kaiming_uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))
+    assert 0.9 * bound < plain.lora_A["a0"].weight.abs().max() <= bound
+    gaussian = wrap(nn.Linear(512, 4), r=8, init_lora_weights="gaussian")
+    assert not gaussian.lora_B["a0"].weight.any()
+    assert abs(gaussian.lora_A["a0"].weight.std().item() - 1 / 8) < 0.01
+    untouched = wrap(nn.Linear(512, 4), r=8, init_lora_weights=False)
+    assert untouched.lora_B["a0"].weight.any()
+    embedding = wrap(nn.Embedding(5, 4))
+    assert not embedding.lora_embedding_A["a0"].any() and embedding.lora_embedding_B["a0"].std() > 0.3
+    raw = wrap(nn.Embedding(5, 4), init_lora_weights=False)
+    assert raw.lora_embedding_A["a0"].any()
+
+
+@pytest.mark.parametrize("module", [nn.Embedding(5, 4), nn.Conv1d(3, 4, 2)])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_weight_based_inits_are_for_linear_layers_only(module, init):
+    with pytest.raises(
+        UnsupportedModelError, match=f"^init_lora_weights='{init}' is supported on Linear layers only"
+    ):
+        wrap(module, init_lora_weights=init)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_weight_based_inits_keep_the_output_and_move_the_top_of_w_into_the_factors(init):
+    torch.manual_seed(1)
+    linear = nn.Linear(6, 5).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    before = linear(x)
+    weight = linear.weight.detach().clone()
+    layer = wrap(linear, r=2, lora_alpha=4, init_lora_weights=init)
+    torch.testing.assert_close(layer(x), before)
+    torch.testing.assert_close(layer.base_layer.weight + layer.delta_weight("a0"), weight)
+    if init == "pissa":  # A B holds the top-2 singular part of W
+        u, s, vh = torch.linalg.svd(weight)
+        torch.testing.assert_close(layer.delta_weight("a0"), (u[:, :2] * s[:2]) @ vh[:2], rtol=0, atol=1e-5)
+    integer = nn.Linear(2, 2)
+    integer.weight = nn.Parameter(torch.ones(2, 2, dtype=torch.long), requires_grad=False)
+    with pytest.raises(
+        UnsupportedModelError, match=f"^init_lora_weights='{init}' needs a float base weight; quantize"
+    ):
+        wrap(integer, init_lora_weights=init)
+
+
+def test_set_flat_factors_writes_a_lower_rank_and_zeroes_the_rest():
+    layer = randomize(wrap(nn.Conv2d(3, 4, 2), r=3))
+    a, b = torch.ones(2, 12), torch.full((4, 2), 2.0)
+    layer.set_flat_factors("a0", a, b)
+    flat_a, flat_b = layer.flat_factors("a0")
+    assert tuple(flat_a.shape) == (3, 12) and tuple(flat_b.shape) == (4, 3)
+    assert flat_a[:2].eq(1).all() and not flat_a[2].any()
+    assert flat_b[:, :2].eq(2).all() and not flat_b[:, 2].any()
+
+
+@pytest.mark.parametrize(
+    "module, x",
+    [
+        (nn.Linear(6, 5), torch.randn(3, 6)),
+        (nn.Embedding(7, 5), torch.tensor([[0, 3, 6], [2, 2, 1]])),
+        (nn.Conv1d(3, 4, 3, stride=2, padding=1), torch.randn(2, 3, 9)),
+        (nn.Conv2d(3, 4, 2, stride=1, padding=1), torch.randn(2, 3, 5, 5)),
+    ],
+    ids=["linear", "embedding", "conv1d", "conv2d"],
+)
+def test_each_layer_kind_adds_exactly_its_delta_weight_and_merges_to_it(module, x):
+    """The forward (s B A x) equals the base with W + s B A computed by hand, for every layer kind."""
+    module = module.double()
+    x = x.double() if x.is_floating_point() else x
+    layer = randomize(wrap(module, r=3, lora_alpha=6))
+    a, b = (t.detach().flatten(1) for t in layer.factors("a0"))
+    by_hand = 2.0 * (b @ a)  # s = alpha / r = 2
+    if isinstance(module, nn.Embedding):
+        by_hand = by_hand.T
+    by_hand = by_hand.view_as(layer.base_layer.weight) if not isinstance(module, nn.Embedding) else by_hand
+    torch.testing.assert_close(layer.delta_weight("a0"), by_hand)
+    merged = copy.deepcopy(module)
+    with torch.no_grad():
+        merged.weight += by_hand
+    torch.testing.assert_close(layer(x), merged(x))
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer.weight, merged.weight)
+
+
+def test_dropout_runs_only_in_training_and_the_input_is_cast_to_the_factors_dtype():
+    layer = randomize(wrap(nn.Linear(8, 8).to(torch.bfloat16), lora_dropout=0.5))
+    x = torch.randn(64, 8, dtype=torch.bfloat16)
+    layer.eval()
+    expected = layer.base_layer(x) + layer._update("a0", x.float()).to(torch.bfloat16)
+    assert torch.equal(layer(x), expected)
+    layer.train()
+    torch.manual_seed(0)
+    dropped = layer._input("a0", x)
+    assert (
+        dropped.dtype == torch.float32 and bool((dropped == 0).any()) and not torch.equal(dropped, x.float())
+    )
+
+
+def test_embedding_lookup_keeps_padding_rows_out_of_the_gradient():
+    layer = randomize(wrap(nn.Embedding(5, 4, padding_idx=0)))
+    layer(torch.tensor([0, 1, 0, 3])).sum().backward()
+    grad = layer.lora_embedding_A["a0"].grad
+    assert not grad[:, 0].any() and grad[:, 1].any() and grad[:, 3].any()
+
+
+def test_grouped_or_dilated_convolutions_and_other_modules_are_refused_by_name():
+    for conv in (nn.Conv2d(4, 4, 3, groups=2), nn.Conv1d(3, 3, 3, dilation=2)):
+        with pytest.raises(
+            UnsupportedModelError, match="^LoRA on grouped or dilated convolutions is not supported"
+        ):
+            wrap(conv)
+    with pytest.raises(
+        UnsupportedModelError, match="^LoRA cannot wrap a LayerNorm; it supports Linear, Embedding"
+    ):
+        layer_class_for(nn.LayerNorm(3))
+    assert layer_class_for(nn.Conv1d(2, 2, 1)) is layer_class_for(nn.Conv2d(2, 2, 1)) is LoraConv
+
+
+def test_mixed_rows_refuse_dora_adapters():
+    layer = wrap(nn.Linear(4, 4), use_dora=True)
+    layer.row_adapters = ["a0"]
+    with pytest.raises(UnsupportedModelError, match="^Mixed-adapter batches .* do not support DoRA adapters"):
+        layer(torch.randn(1, 4))
+
+
+class Scaled(nn.Linear):
+    """A Linear whose forward takes a keyword argument (as attention modules take masks)."""
+
+    def forward(self, x, scale=1.0):
+        return super().forward(x) * scale
+
+
+def test_modules_to_save_passes_keyword_arguments_through_and_finds_the_innermost_base():
+    module = ModulesToSave(Scaled(3, 2))
+    module.add("a")
+    module.set_adapter("a")
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(module(x, scale=3.0), 3.0 * module.modules_to_save["a"](x), rtol=0, atol=1e-6)
+    module.row_adapters = ["a", None]
+    torch.testing.assert_close(module(x, scale=3.0), 3.0 * module.modules_to_save["a"](x), rtol=0, atol=1e-6)
+    inner = Scaled(3, 2)
+    assert ModulesToSave(ModulesToSave(inner)).get_base_layer() is inner
+
+
+# --- methods/lora/dora.py ----------------------------------------------------------------------------------------
+def dora_by_hand(layer, h, x):
+    """DoRA's output from its definition: base(x) + (m / ||W + dW|| - 1) * W h + (m / ||W + dW||) * dW h."""
+    weight = layer.base_layer.weight
+    delta = layer.delta_weight("a0").to(weight.dtype)
+    conv = weight.dim() > 2
+    norm = (weight + delta).flatten(1).norm(dim=1)
+    scale = layer.lora_magnitude_vector["a0"].reshape(-1) / norm
+    if conv:
+        plain, update = F.conv1d(h, weight, padding=1), F.conv1d(h, delta, padding=1)
+        scale = scale[:, None]
+    else:
+        plain, update = h @ weight.T, h @ delta.T
+    return layer.base_layer(x) + (scale - 1) * plain + scale * update
+
+
+@pytest.mark.parametrize("module", [nn.Linear(6, 5), nn.Conv1d(3, 4, 3, padding=1)], ids=["linear", "conv1d"])
+def test_dora_under_dropout_rescales_the_base_applied_to_the_dropped_input(module):
+    layer = randomize(wrap(module.double(), use_dora=True, lora_dropout=0.5))
+    with torch.no_grad():
+        layer.lora_magnitude_vector["a0"].mul_(1.5)
+    x = (
+        torch.randn(4, 6, dtype=torch.float64)
+        if isinstance(module, nn.Linear)
+        else torch.randn(2, 3, 7).double()
+    )
+    layer.train()
+    torch.manual_seed(3)
+    out = layer(x)
+    torch.manual_seed(3)
+    h = F.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(out, dora_by_hand(layer, h, x))
+    layer.eval()
+    torch.testing.assert_close(layer(x), dora_by_hand(layer, x, x))
+
+
+def test_dora_unmerge_without_originals_inverts_the_merge():
+    layer = randomize(wrap(nn.Linear(6, 5).double(), use_dora=True))
+    with torch.no_grad():
+        layer.lora_magnitude_vector["a0"].mul_(1.5)
+    weight = layer.base_layer.weight.detach().clone()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    unmerged = layer(x)
+    layer.merge(keep_original=False)
+    torch.testing.assert_close(layer(x), unmerged)
+    norm = (weight + layer.delta_weight("a0")).norm(dim=1)
+    expected = (weight + layer.delta_weight("a0")) * (layer.lora_magnitude_vector["a0"] / norm)[:, None]
+    torch.testing.assert_close(layer.base_layer.weight, expected)
+    layer.unmerge()  # DoRA's rule runs in float32
+    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-5)
+    assert layer._merge_norms == {}
