@@ -4,17 +4,21 @@ the exact state left after a failure, on models small enough to run in milliseco
 
 import copy
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 from torch import nn
 
 import deltatune as dt
 from deltatune import checkpoint
 from deltatune.errors import CheckpointError, ConfigError, MergeError, UnsupportedModelError
 from deltatune.layer import AdapterLayer, ModulesToSave
-from deltatune.methods.lora.layers import LoraConv, layer_class_for
+from deltatune.method import Variant
+from deltatune.methods.lora import LoraMethod
+from deltatune.methods.lora.fused import can_fuse, lora_linear
+from deltatune.methods.lora.layers import LoraConv, LoraLinear, layer_class_for
 
 
 def one_linear(n_adapters=2, dtype=torch.float32, seed=0):
@@ -148,8 +152,8 @@ def test_modules_to_save_rows_run_each_rows_copy_in_order():
 def test_modules_to_save_rows_must_match_the_batch():
     module = heads()
     module.row_adapters = ["a", "b"]
-    with pytest.raises(ConfigError, match="row_adapters names 2 rows but the batch has 3"):
-        module(torch.randn(3, 3))
+    with pytest.raises(ConfigError, match="row_adapters names 2 rows but the batch has 5"):
+        module(torch.randn(5, 3))
 
 
 def test_modules_to_save_allows_one_active_copy():
@@ -575,3 +579,146 @@ def test_dora_unmerge_without_originals_inverts_the_merge():
     layer.unmerge()  # DoRA's rule runs in float32
     torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-5)
     assert layer._merge_norms == {}
+
+
+# --- methods/lora/fused.py -------------------------------------------------------------------------------------
+def unfused(x, weight, bias, a, b, scaling):
+    out = x @ weight.T + (x @ a.T) @ b.T * scaling
+    return out if bias is None else out + bias
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("needs", [(0, 0, 1, 1), (1, 0, 0, 0), (1, 1, 1, 1), (0, 1, 0, 1), (0, 0, 1, 0)])
+def test_fused_op_gradients_equal_autograd_for_every_subset_that_trains(needs, with_bias):
+    """Each gradient the op returns (and the ones it skips) equals autograd on the unfused expression, float64."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(2, 3, 6), torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2)]
+    bias = (
+        torch.randn(5, dtype=torch.float64, requires_grad=bool(with_bias and needs[1])) if with_bias else None
+    )
+    ours = [t.double().requires_grad_(bool(n)) for t, n in zip(tensors, needs)]
+    ref = [t.detach().clone().requires_grad_(bool(n)) for t, n in zip(ours, needs)]
+    ref_bias = None if bias is None else bias.detach().clone().requires_grad_(bias.requires_grad)
+    out = lora_linear(ours[0], ours[1], bias, ours[2], ours[3], 0.75)
+    expected = unfused(ref[0], ref[1], ref_bias, ref[2], ref[3], 0.75)
+    torch.testing.assert_close(out, expected)
+    assert tuple(out.shape) == (2, 3, 5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for mine, theirs in zip([*ours, bias], [*ref, ref_bias]):
+        if theirs is None or not theirs.requires_grad:
+            assert mine is None or mine.grad is None
+        else:
+            torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_op_without_grad_is_the_same_product(with_bias):
+    torch.manual_seed(0)
+    x, w, a, b = torch.randn(2, 3, 6), torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2)
+    bias = torch.randn(5) if with_bias else None
+    with torch.no_grad():
+        out = lora_linear(x, w, bias, a, b, 0.5)
+    torch.testing.assert_close(out, unfused(x, w, bias, a, b, 0.5), rtol=1e-5, atol=1e-5)
+    assert tuple(out.shape) == (2, 3, 5)
+
+
+def test_can_fuse_takes_only_the_plain_single_adapter_float_case():
+    layer = wrap(nn.Linear(4, 4), lora_dropout=0.1)
+    x = torch.randn(2, 4)
+    layer.eval()
+    assert can_fuse(layer, x, ["a0"])
+    assert not can_fuse(layer, x, ["a0", "a0"]) and not can_fuse(layer, x, [])
+    assert not can_fuse(layer, x.double(), ["a0"])
+    layer.train()
+    assert not can_fuse(layer, x, ["a0"])  # dropout at work
+    layer.dropout["a0"] = 0.0
+    assert can_fuse(layer, x, ["a0"])
+    layer.row_adapters = ["a0", "a0"]
+    assert not can_fuse(layer, x, ["a0"])
+    layer.row_adapters = None
+    layer.plain_update = False
+    assert not can_fuse(layer, x, ["a0"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not can_fuse(wrap(nn.Linear(4, 4)), x, ["a0"])
+    assert not can_fuse(wrap(nn.Linear(4, 4), use_dora=True), x, ["a0"])
+    assert not can_fuse(wrap(nn.Linear(4, 4).to(torch.bfloat16)), x.to(torch.bfloat16), ["a0"])  # f32 factors
+    assert can_fuse(wrap(nn.Linear(4, 4).double()), x.double(), ["a0"])
+    assert not can_fuse(wrap(Scaled(4, 4)), x, ["a0"])  # a Linear subclass may change the forward
+
+
+# --- methods/lora/config.py and __init__.py --------------------------------------------------------------------
+def test_lora_config_defaults_are_peft_s():
+    ours, theirs = dt.LoraConfig(), peft.LoraConfig()
+    for field in ("r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "use_dora"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.init_lora_weights is True and ours.rank_pattern == {} and ours.alpha_pattern == {}
+    assert ours.peft_type == "LORA"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"r": 0}, "^LoRA rank r must be a positive integer, got 0.$"),
+        (
+            {"rank_pattern": {"q": 0}},
+            r"^rank_pattern ranks must be positive integers, got \{'q': 0\}; use r >= 1",
+        ),
+        ({"bias": "some"}, "^bias must be 'none', 'all' or 'lora_only', got 'some'.$"),
+        ({"lora_dropout": 1.0}, r"^lora_dropout must be in \[0, 1\), got 1.0.$"),
+        ({"lora_dropout": -0.1}, r"^lora_dropout must be in \[0, 1\), got -0.1.$"),
+        (
+            {"init_lora_weights": "eva"},
+            r"^init_lora_weights must be one of \(True, False, 'gaussian', 'pissa', 'olora'\)",
+        ),
+    ],
+)
+def test_lora_config_refuses_bad_values_by_name(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        dt.LoraConfig(**kwargs)
+
+
+def test_lora_config_edges_that_are_allowed():
+    assert dt.LoraConfig(r=1, lora_dropout=0.0, rank_pattern={"q": 1}).r == 1
+    for bias in ("none", "all", "lora_only"):
+        assert dt.LoraConfig(bias=bias).bias == bias
+    for init in (True, False, "gaussian", "pissa", "olora"):
+        assert dt.LoraConfig(init_lora_weights=init).init_lora_weights == init
+
+
+def test_rank_and_alpha_patterns_match_the_end_of_the_name_only():
+    config = dt.LoraConfig(
+        r=4, lora_alpha=16, rank_pattern={"q_proj": 2, "v": 6}, alpha_pattern={"layers.1.q_proj": 3}
+    )
+    assert config.rank_and_alpha("model.layers.0.q_proj") == (2, 16)
+    assert config.rank_and_alpha("model.layers.1.q_proj") == (2, 3)
+    assert config.rank_and_alpha("q_proj") == (2, 16)
+    assert config.rank_and_alpha("model.xq_proj") == (4, 16)
+    assert config.rank_and_alpha("model.q_proj.inner") == (4, 16)
+    assert config.rank_and_alpha("model.v") == (6, 16)
+
+
+def test_lora_method_names_its_variants_and_defaults():
+    method = LoraMethod()
+    assert method.peft_type == "LORA" and method.config_class is dt.LoraConfig
+    assert method.variants == {
+        "lora": Variant(),
+        "rslora": Variant({"use_rslora": True}),
+        "dora": Variant({"use_dora": True}),
+        "qlora": Variant(quantize="nf4"),
+    }
+    assert method.name == "lora" and method.title == "LoRA, rsLoRA, DoRA"
+    assert method.typical_lr == 1e-3 and method.recipe_defaults == {"target_modules": "all-linear"}
+    assert method.default_targets == "lora" and method.mixed_batches is True
+
+
+def test_inject_lora_wraps_once_and_marks_transposed_weights():
+    model = dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(r=2, target_modules=["c_attn"]))
+    assert model.peft_config["default"].fan_in_fan_out is True
+    model.add_adapter("b", dt.LoraConfig(r=3, target_modules=["c_attn"]))
+    layer = model.get_base_model().transformer.h[0].attn.c_attn
+    assert isinstance(layer, LoraLinear) and not isinstance(layer.base_layer, LoraLinear)
+    assert layer.adapter_names == ["default", "b"] and layer.r == {"default": 2, "b": 3}
+    plain = dt.get_peft_model(nn.Sequential(nn.Linear(3, 3)), dt.LoraConfig(r=2, target_modules=["0"]))
+    assert plain.peft_config["default"].fan_in_fan_out is False
