@@ -722,3 +722,44 @@ def test_inject_lora_wraps_once_and_marks_transposed_weights():
     assert layer.adapter_names == ["default", "b"] and layer.r == {"default": 2, "b": 3}
     plain = dt.get_peft_model(nn.Sequential(nn.Linear(3, 3)), dt.LoraConfig(r=2, target_modules=["0"]))
     assert plain.peft_config["default"].fan_in_fan_out is False
+
+
+# --- model.py (the sampled mutants, see docs/mutation.md) --------------------------------------------------------
+def test_parameter_report_counts_by_hand():
+    model, layer = one_linear()
+    adapter = 2 * 6 + 5 * 2  # A (2 x 6) and B (5 x 2)
+    assert model.get_nb_trainable_parameters() == (adapter, 6 * 5 + 5 + 2 * adapter)
+    assert model.parameter_report() == {
+        "trainable_params": adapter,
+        "total_params": 6 * 5 + 5 + 2 * adapter,
+        "trainable_percent": 100 * adapter / (6 * 5 + 5 + 2 * adapter),
+        "active_adapters": ["a0"],
+        "stored_bytes": {"a0": 4 * adapter, "a1": 4 * adapter},
+    }
+
+
+def test_a_4bit_base_counts_its_weights_unpacked_as_peft_does():
+    pytest.importorskip("bitsandbytes")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see test_quant.one_torch_thread
+    try:
+        torch.manual_seed(0)
+        base = dt.quantize(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)), "nf4")  # the head stays float
+        model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["0"]))
+        floats = 64 * 64 + 64 + 64 * 8 + 8
+        assert model.get_nb_trainable_parameters() == (2 * 64 * 2, floats + 2 * 64 * 2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_load_adapter_sets_inference_mode_from_is_trainable(is_trainable, tmp_path):
+    model, _ = one_linear(n_adapters=1)
+    model.save_pretrained(str(tmp_path))
+    model.load_adapter(
+        str(tmp_path / "a0"), "b", is_trainable=is_trainable
+    )  # a non-default name: a subfolder
+    assert model.peft_config["b"].inference_mode is (not is_trainable)
+    model.set_adapter("b")
+    layer = model.get_base_model()[0]
+    assert layer.lora_A["b"].weight.requires_grad is is_trainable
