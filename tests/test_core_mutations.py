@@ -106,6 +106,52 @@ def test_a_layer_without_a_merge_rule_says_which_class_cannot_merge():
         NoRule(nn.Linear(2, 2)).delta_weight("x")
 
 
+def test_unmerge_with_originals_restores_then_redoes_the_merges_that_stay():
+    model, layer = one_linear(n_adapters=3)
+    weight = layer.base_layer.weight.detach().clone()
+    layer.merge(adapter_names=["a0"])
+    layer.merge(adapter_names=["a1", "a2"])  # a second call keeps the first snapshot (the unmerged W)
+    assert layer.keeps_original
+    layer.unmerge(2)
+    assert layer.merged_adapters == ["a0"] and layer.keeps_original
+    torch.testing.assert_close(layer.base_layer.weight, weight + layer.delta_weight("a0"), rtol=0, atol=1e-6)
+    layer.unmerge()
+    assert layer.merged_adapters == [] and not layer.keeps_original
+    assert torch.equal(layer.base_layer.weight, weight)
+
+
+def test_a_failed_merge_undoes_only_its_own_adapters(monkeypatch):
+    model, layer = one_linear(n_adapters=3)
+    weight = layer.base_layer.weight.detach().clone()
+    layer.merge(adapter_names=["a0"], keep_original=False)
+    real = type(layer)._merge_one
+
+    def fail_on_a2(self, name):
+        if name == "a2":
+            raise RuntimeError("disk on fire")
+        real(self, name)
+
+    monkeypatch.setattr(type(layer), "_merge_one", fail_on_a2)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        layer.merge(adapter_names=["a1", "a2"], keep_original=False)
+    assert layer.merged_adapters == ["a0"]
+    torch.testing.assert_close(layer.base_layer.weight, weight + layer.delta_weight("a0"), rtol=0, atol=1e-6)
+
+
+def test_safe_merge_refuses_a_single_non_finite_value():
+    model, layer = one_linear()
+    with torch.no_grad():
+        layer.lora_B["a1"].weight[0, 0] = float("inf")
+    weight = layer.base_layer.weight.detach().clone()
+    with pytest.raises(
+        MergeError, match="^Merging adapter 'a1' would put NaN/inf into the weights; nothing was"
+    ):
+        layer.merge(safe_merge=True, adapter_names=["a0", "a1"])
+    assert layer.merged_adapters == [] and torch.equal(layer.base_layer.weight, weight)
+    layer.merge(adapter_names=["a0"], safe_merge=True)
+    assert layer.merged_adapters == ["a0"]
+
+
 # --- layer.py: ModulesToSave ---------------------------------------------------------------------------------
 def heads(seed=0):
     """A ModulesToSave around a Linear(3, 2) with copies 'a' and 'b' whose weights differ from the original."""
