@@ -112,8 +112,7 @@ language-data: $(STAMP)
 MUTATION_JOBS ?= 2
 mutation: $(STAMP)
 	$(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
-	$(BIN)/mutmut export-cicd-stats
-	$(BIN)/python -c "import json; print(json.load(open('mutants/mutmut-cicd-stats.json')))"
+	$(BIN)/python bench/mutation_score.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check deltatune tests bench
