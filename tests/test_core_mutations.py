@@ -336,6 +336,20 @@ def test_copy_into_refusal_names_missing_base_and_unknown_keys():
     assert all(torch.equal(t, torch.zeros(2)) for t in entries.values())
 
 
+def test_copy_into_refusal_of_base_keys_is_one_exact_sentence():
+    entries = {"base_model.model.x.lora_A.weight": torch.zeros(1)}
+    base = [f"base_model.model.l{i}.weight" for i in range(4)]
+    other = [f"base_model.model.z{i}" for i in range(4)]
+    state = {**{k: torch.ones(1) for k in entries}, **{k: torch.ones(1) for k in base + other}}
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.copy_into(entries, state, base_names=set(base))
+    assert str(err.value) == (
+        f"The adapter does not fit this model: 4 tensors would overwrite the base model's own weights, e.g. "
+        f"{base[:3]}; an adapter file may hold only the adapter's tensors (its factors, its modules_to_save copies, "
+        f"its trained biases), so it was refused; 4 tensors in the file match nothing in the model, e.g. {other[:3]}."
+    )
+
+
 def test_copy_into_checks_shapes_and_kinds_before_writing_anything():
     entries = {"base_model.model.a": torch.zeros(2), "base_model.model.b": torch.zeros(3)}
     with pytest.raises(
@@ -572,6 +586,20 @@ def test_modules_to_save_passes_keyword_arguments_through_and_finds_the_innermos
     torch.testing.assert_close(module(x, scale=3.0), 3.0 * module.modules_to_save["a"](x), rtol=0, atol=1e-6)
     inner = Scaled(3, 2)
     assert ModulesToSave(ModulesToSave(inner)).get_base_layer() is inner
+
+
+def test_a_fresh_modules_to_save_runs_the_original_and_names_longer_adapters_whole():
+    module = ModulesToSave(Scaled(3, 2))
+    assert module.active_adapter is None and module.active_adapters == []
+    module.add("ab")
+    module.set_adapter("ab")
+    assert module.active_adapter == "ab"
+    x = torch.randn(2, 3)
+    module.row_adapters = ["ab", None]
+    expected = torch.stack([module.modules_to_save["ab"](x[0], 2.0), module.original_module(x[1], 2.0)])
+    torch.testing.assert_close(
+        module(x, 2.0), expected, rtol=0, atol=1e-6
+    )  # positional extras reach the rows
 
 
 # --- methods/lora/dora.py ----------------------------------------------------------------------------------------
