@@ -13,7 +13,17 @@ from collections import Counter
 from pathlib import Path
 
 # Mutants that change nothing observable, each with the reason (docs/mutation.md explains the list).
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "deltatune.layer.xǁModulesToSaveǁ_forward_rows__mutmut_25": "torch.tensor(list of ints, dtype=None) is int64",
+    "deltatune.layer.xǁModulesToSaveǁ_forward_rows__mutmut_28": "dtype dropped: a list of ints gives int64 anyway",
+    "deltatune.methods.lora.layers.xǁLoraConvǁcreate_factors__mutmut_21": "torch's Conv treats bias=None as False",
+    "deltatune.methods.lora.layers.xǁLoraConvǁcreate_factors__mutmut_35": "torch's Conv treats bias=None as False",
+    "deltatune.methods.lora.layers.xǁLoraConvǁcreate_factors__mutmut_38": "stride 1 dropped: Conv's default is 1",
+    "deltatune.methods.lora.layers.xǁLoraConvǁcreate_factors__mutmut_39": "stride 1 dropped: Conv's default is 1",
+    "deltatune.methods.lora.fused.xǁLoraLinearFunctionǁbackward__mutmut_17": (
+        "`or True` computes g_xa when neither x nor A needs a gradient; it is then unused (only wasted work)"
+    ),
+}
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped"}
 STATUS.update({c: "timeout" for c in (36, -24, 24, 152, 255)})
