@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo studio browser studio-assets test test-fast bench bench-quick bench-rec language-data vision-assets vision-bench ladder bench-scale lint format clean
+.PHONY: venv demo studio browser studio-assets test test-fast bench bench-quick bench-rec language-data vision-assets vision-bench ladder bench-scale mutation lint format clean
 
 venv: $(STAMP)
 
@@ -106,6 +106,13 @@ bench-scale: ladder
 # Writes data/language/ (git-ignored); a rerun skips what exists. Never part of `make test`.
 language-data: $(STAMP)
 	$(BIN)/python recipes/language/prepare_data.py
+
+# Mutation testing of the core (mutmut; files and test selection in pyproject.toml [tool.mutmut]); never part of
+# `make test`. Two workers for a shared 2-core box; results and score in docs/mutation.md. Re-runs reuse mutants/.
+MUTATION_JOBS ?= 2
+mutation: $(STAMP)
+	$(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	$(BIN)/python bench/mutation_score.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check deltatune tests bench

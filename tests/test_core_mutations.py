@@ -1,0 +1,839 @@
+"""Sharp checks of the core (layer.py, checkpoint.py, model.py, methods/lora/) written to kill the mutants that
+the rest of the suite let live (see docs/mutation.md): each pins one behaviour to an exact value, an exact error or
+the exact state left after a failure, on models small enough to run in milliseconds."""
+
+import copy
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_gpt2, tiny_llama
+from torch import nn
+
+import deltatune as dt
+from deltatune import checkpoint
+from deltatune.errors import CheckpointError, ConfigError, MergeError, UnsupportedModelError
+from deltatune.layer import AdapterLayer, ModulesToSave
+from deltatune.method import Variant
+from deltatune.methods.lora import LoraMethod
+from deltatune.methods.lora.fused import can_fuse, lora_linear
+from deltatune.methods.lora.layers import LoraConv, LoraLinear, layer_class_for
+
+
+def one_linear(n_adapters=2, dtype=torch.float32, seed=0):
+    """A one-Linear model with `n_adapters` LoRA adapters (a0, a1, ...) whose B factors are random."""
+    torch.manual_seed(seed)
+    model = dt.get_peft_model(
+        nn.Sequential(nn.Linear(6, 5)).to(dtype), dt.LoraConfig(r=2, target_modules=["0"]), adapter_name="a0"
+    )
+    for i in range(1, n_adapters):
+        model.add_adapter(f"a{i}", dt.LoraConfig(r=2, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        for name in layer.lora_B:
+            nn.init.normal_(layer.lora_B[name].weight)
+    return model, layer
+
+
+# --- layer.py: merging and unmerging ---------------------------------------------------------------------------
+def test_unmerge_without_originals_undoes_the_newest_merge_first():
+    """Without kept originals, `unmerge(1)` undoes the last merge only (a0 stays merged, exactly W + dW_a0)."""
+    model, layer = one_linear()
+    weight = layer.base_layer.weight.detach().clone()
+    layer.merge(adapter_names=["a0", "a1"], keep_original=False)
+    assert layer.merged_adapters == ["a0", "a1"] and not layer.keeps_original
+    layer.unmerge(1)
+    assert layer.merged_adapters == ["a0"]
+    torch.testing.assert_close(layer.base_layer.weight, weight + layer.delta_weight("a0"), rtol=0, atol=1e-6)
+    layer.unmerge()
+    assert layer.merged_adapters == [] and not layer.merged
+    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep_original", [True, False])
+def test_unmerge_count_zero_or_negative_changes_nothing(keep_original):
+    model, layer = one_linear()
+    layer.merge(adapter_names=["a0", "a1"], keep_original=keep_original)
+    merged = layer.base_layer.weight.detach().clone()
+    for count in (0, -1):
+        layer.unmerge(count)
+        assert layer.merged_adapters == ["a0", "a1"]
+        assert torch.equal(layer.base_layer.weight, merged)
+
+
+def test_the_pop_example_unmerging_one_of_three_keeps_the_first_two():
+    """The mutation the issue names (`merged_adapters.pop()` -> `pop(0)`) leaves a0 unmerged instead of a2."""
+    model, layer = one_linear(n_adapters=3)
+    weight = layer.base_layer.weight.detach().clone()
+    layer.merge(adapter_names=["a0", "a1", "a2"], keep_original=False)
+    layer.unmerge(1)
+    assert layer.merged_adapters == ["a0", "a1"]
+    expected = weight + layer.delta_weight("a0") + layer.delta_weight("a1")
+    torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-5)
+
+
+def test_delete_adapter_refuses_a_merged_adapter_and_drops_only_the_deleted_name():
+    model, layer = one_linear(n_adapters=3)
+    layer.set_adapter(["a0", "a1", "a2"])
+    layer.merge(adapter_names=["a0"])
+    with pytest.raises(MergeError, match="'a0' is merged into the weights; unmerge it before deleting it"):
+        layer.delete_adapter("a0")
+    layer.unmerge()
+    layer.delete_adapter("a1")
+    assert layer.active_adapters == ["a0", "a2"]
+    assert "a1" not in layer.lora_A and "a1" not in layer.lora_B and layer.adapter_names == ["a0", "a2"]
+
+
+def test_merged_and_unmerged_weight_round_once_to_the_weights_dtype():
+    model, layer = one_linear(dtype=torch.bfloat16)
+    weight = layer.base_layer.weight.detach().clone()
+    delta = layer.delta_weight("a0")
+    assert delta.dtype == torch.float32
+    merged = layer.merged_weight("a0", weight)
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(merged, (weight.float() + delta).to(torch.bfloat16))
+    unmerged = layer.unmerged_weight("a0", merged)
+    assert unmerged.dtype == torch.bfloat16
+    assert torch.equal(unmerged, (merged.float() - delta).to(torch.bfloat16))
+
+
+def test_a_layer_without_a_merge_rule_says_which_class_cannot_merge():
+    class NoRule(AdapterLayer):
+        pass
+
+    with pytest.raises(MergeError, match="^NoRule cannot be merged into the base weights"):
+        NoRule(nn.Linear(2, 2)).delta_weight("x")
+
+
+def test_unmerge_with_originals_restores_then_redoes_the_merges_that_stay():
+    model, layer = one_linear(n_adapters=3)
+    weight = layer.base_layer.weight.detach().clone()
+    layer.merge(adapter_names=["a0"])
+    layer.merge(adapter_names=["a1", "a2"])  # a second call keeps the first snapshot (the unmerged W)
+    assert layer.keeps_original
+    layer.unmerge(2)
+    assert layer.merged_adapters == ["a0"] and layer.keeps_original
+    torch.testing.assert_close(layer.base_layer.weight, weight + layer.delta_weight("a0"), rtol=0, atol=1e-6)
+    layer.unmerge()
+    assert layer.merged_adapters == [] and not layer.keeps_original
+    assert torch.equal(layer.base_layer.weight, weight)
+
+
+def test_a_failed_merge_undoes_only_its_own_adapters(monkeypatch):
+    model, layer = one_linear(n_adapters=3)
+    weight = layer.base_layer.weight.detach().clone()
+    layer.merge(adapter_names=["a0"], keep_original=False)
+    real = type(layer)._merge_one
+
+    def fail_on_a2(self, name):
+        if name == "a2":
+            raise RuntimeError("disk on fire")
+        real(self, name)
+
+    monkeypatch.setattr(type(layer), "_merge_one", fail_on_a2)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        layer.merge(adapter_names=["a1", "a2"], keep_original=False)
+    assert layer.merged_adapters == ["a0"]
+    torch.testing.assert_close(layer.base_layer.weight, weight + layer.delta_weight("a0"), rtol=0, atol=1e-6)
+
+
+def test_safe_merge_refuses_a_single_non_finite_value():
+    model, layer = one_linear()
+    with torch.no_grad():
+        layer.lora_B["a1"].weight[0, 0] = float("inf")
+    weight = layer.base_layer.weight.detach().clone()
+    with pytest.raises(
+        MergeError, match="^Merging adapter 'a1' would put NaN/inf into the weights; nothing was"
+    ):
+        layer.merge(safe_merge=True, adapter_names=["a0", "a1"])
+    assert layer.merged_adapters == [] and torch.equal(layer.base_layer.weight, weight)
+    layer.merge(adapter_names=["a0"], safe_merge=True)
+    assert layer.merged_adapters == ["a0"]
+
+
+# --- layer.py: ModulesToSave ---------------------------------------------------------------------------------
+def heads(seed=0):
+    """A ModulesToSave around a Linear(3, 2) with copies 'a' and 'b' whose weights differ from the original."""
+    torch.manual_seed(seed)
+    module = ModulesToSave(nn.Linear(3, 2))
+    for name in ("a", "b"):
+        module.add(name)
+        with torch.no_grad():
+            module.modules_to_save[name].weight.normal_()
+    return module
+
+
+def test_deleting_the_active_copy_leaves_no_active_adapter():
+    module = heads()
+    module.set_adapter("a")
+    module.delete_adapter("b")
+    assert module.active_adapters == ["a"] and module.adapter_names == ["a"]
+    module.delete_adapter("a")
+    assert module.active_adapter is None and module.active_adapters == [] and module.adapter_names == []
+    x = torch.randn(4, 3)
+    assert torch.equal(module(x), module.original_module(x))
+
+
+def test_modules_to_save_rows_run_each_rows_copy_in_order():
+    module = heads()
+    x = torch.randn(5, 3)
+    module.row_adapters = ["b", None, "a", "b", "unknown"]
+    out = module(x)
+    copies = module.modules_to_save
+    expected = torch.stack(
+        [
+            copies["b"](x[0]),
+            module.original_module(x[1]),
+            copies["a"](x[2]),
+            copies["b"](x[3]),
+            module.original_module(x[4]),
+        ]
+    )
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    module.enable_adapters(False)
+    torch.testing.assert_close(module(x), module.original_module(x), rtol=0, atol=1e-6)
+
+
+def test_modules_to_save_rows_must_match_the_batch():
+    module = heads()
+    module.row_adapters = ["a", "b"]
+    with pytest.raises(ConfigError, match="row_adapters names 2 rows but the batch has 5"):
+        module(torch.randn(5, 3))
+
+
+def test_modules_to_save_allows_one_active_copy():
+    module = heads()
+    with pytest.raises(
+        ConfigError, match=r"Only one adapter with modules_to_save can be active at a time; got \['a', 'b'\]"
+    ):
+        module.set_adapter(["a", "b", "c"])
+    module.set_adapter(["c", "b"])
+    assert module.active_adapter == "b"
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(module(x), module.modules_to_save["b"](x), rtol=0, atol=0)
+    assert module.weight is module.modules_to_save["b"].weight  # attributes read from the copy that runs
+
+
+# --- checkpoint.py ---------------------------------------------------------------------------------------------
+class Net(nn.Module):
+    """Two Linears with biases plus a head: LoRA on `a`, the head trained in full (`modules_to_save`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)))
+
+
+def net_with_head(bias="none"):
+    torch.manual_seed(0)
+    config = dt.LoraConfig(r=2, target_modules=["a"], modules_to_save=["head"], bias=bias)
+    return dt.get_peft_model(Net(), config)
+
+
+def test_layer_entries_name_factors_heads_and_biases_as_peft_does():
+    model = net_with_head(bias="all")
+    base = model.get_base_model()
+    entries = checkpoint.layer_entries(base, "default", bias="all")
+    assert sorted(entries) == [
+        "base_model.model.a.base_layer.bias",
+        "base_model.model.a.lora_A.weight",
+        "base_model.model.a.lora_B.weight",
+        "base_model.model.b.bias",
+        "base_model.model.head.bias",
+        "base_model.model.head.weight",
+    ]
+    assert entries["base_model.model.a.lora_A.weight"] is base.a.lora_A["default"].weight
+    assert entries["base_model.model.head.weight"] is base.head.modules_to_save["default"].weight
+    assert entries["base_model.model.b.bias"] is base.b.bias
+    only = checkpoint.layer_entries(base, "default", bias="lora_only")
+    assert only["base_model.model.a.base_layer.bias"] is base.a.base_layer.bias
+    assert "base_model.model.b.bias" not in only
+    assert checkpoint.layer_entries(base, "other") == {}
+    assert checkpoint.trained_biases(base, "none") == {}
+
+
+def test_all_heads_entries_are_the_adapters_copies():
+    model = net_with_head()
+    base = model.get_base_model()
+    heads_only = checkpoint.all_heads_entries(base, "default")
+    assert heads_only == {
+        "base_model.model.head.weight": base.head.modules_to_save["default"].weight,
+        "base_model.model.head.bias": base.head.modules_to_save["default"].bias,
+    }
+    assert checkpoint.all_heads_entries(base, "default", prefix="").keys() == {"head.weight", "head.bias"}
+    assert checkpoint.all_heads_entries(base, "nope") == {}
+
+
+def test_written_file_size_is_returned_and_nothing_temporary_is_left(tmp_path):
+    entries = {"x": torch.arange(6.0).view(2, 3).T, "y": torch.ones(2, dtype=torch.bfloat16)}
+    assert checkpoint.stored_bytes(entries) == 6 * 4 + 2 * 2
+    size = checkpoint.write_adapter_file(entries, str(tmp_path / "out"))
+    assert size == (tmp_path / "out" / checkpoint.WEIGHTS_NAME).stat().st_size
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [checkpoint.WEIGHTS_NAME]
+    back = checkpoint.read_adapter_file(tmp_path / "out")
+    assert torch.equal(back["x"], entries["x"]) and back["y"].dtype == torch.bfloat16
+    assert back["x"].device.type == "cpu"
+
+
+def test_a_truncated_safetensors_file_is_named_as_damaged(tmp_path):
+    checkpoint.write_adapter_file({"x": torch.ones(100)}, str(tmp_path))
+    path = tmp_path / checkpoint.WEIGHTS_NAME
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(
+        CheckpointError, match="is damaged or truncated .*; re-save or re-download the adapter"
+    ):
+        checkpoint.read_adapter_file(tmp_path)
+
+
+def test_a_legacy_bin_of_plain_tensors_is_read_and_anything_else_refused(tmp_path):
+    torch.save({"k": torch.ones(2)}, tmp_path / checkpoint.LEGACY_WEIGHTS_NAME)
+    assert torch.equal(checkpoint.read_adapter_file(tmp_path)["k"], torch.ones(2))
+    torch.save({"k": [1, 2]}, tmp_path / checkpoint.LEGACY_WEIGHTS_NAME)
+    with pytest.raises(
+        CheckpointError, match="is not a mapping of tensor names to tensors; it is not an adapter"
+    ):
+        checkpoint.read_adapter_file(tmp_path)
+    (tmp_path / checkpoint.LEGACY_WEIGHTS_NAME).write_bytes(b"not a zip")
+    with pytest.raises(
+        CheckpointError, match="(?s)Could not read .* as plain tensors .*; it may be corrupt or unsafe"
+    ):
+        checkpoint.read_adapter_file(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        checkpoint.read_adapter_file(tmp_path / "empty")
+
+
+def live(**shapes):
+    return {k: torch.zeros(*s) for k, s in shapes.items()}
+
+
+def test_copy_into_refusal_names_missing_base_and_unknown_keys():
+    entries = live(**{f"base_model.model.l{i}.lora_A.weight": (2,) for i in range(4)})
+    state = {k: torch.ones(2) for k in list(entries)[:0]}
+    state["base_model.model.l0.weight"] = torch.ones(2)
+    state["base_model.model.zzz"] = torch.ones(2)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.copy_into(entries, state, base_names={"base_model.model.l0.weight"})
+    message = str(err.value)
+    assert message.startswith(
+        "The adapter does not fit this model: 4 tensors the model expects are missing, e.g. "
+    )
+    assert str(sorted(entries)[:3]) in message and str(sorted(entries)[3]) not in message
+    assert (
+        "; 1 tensors would overwrite the base model's own weights, e.g. ['base_model.model.l0.weight']"
+        in message
+    )
+    assert "; 1 tensors in the file match nothing in the model, e.g. ['base_model.model.zzz']." in message
+    assert "Was it trained for another base model?" not in message
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.copy_into(entries, {**{k: torch.ones(2) for k in entries}, "x": torch.ones(1)})
+    assert str(err.value) == (
+        "The adapter does not fit this model: 1 tensors in the file match nothing in the model, e.g. ['x']. "
+        "Was it trained for another base model?"
+    )
+    assert all(torch.equal(t, torch.zeros(2)) for t in entries.values())
+
+
+def test_copy_into_refusal_of_base_keys_is_one_exact_sentence():
+    entries = {"base_model.model.x.lora_A.weight": torch.zeros(1)}
+    base = [f"base_model.model.l{i}.weight" for i in range(4)]
+    other = [f"base_model.model.z{i}" for i in range(4)]
+    state = {**{k: torch.ones(1) for k in entries}, **{k: torch.ones(1) for k in base + other}}
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.copy_into(entries, state, base_names=set(base))
+    assert str(err.value) == (
+        f"The adapter does not fit this model: 4 tensors would overwrite the base model's own weights, e.g. "
+        f"{base[:3]}; an adapter file may hold only the adapter's tensors (its factors, its modules_to_save copies, "
+        f"its trained biases), so it was refused; 4 tensors in the file match nothing in the model, e.g. {other[:3]}."
+    )
+
+
+def test_copy_into_checks_shapes_and_kinds_before_writing_anything():
+    entries = {"base_model.model.a": torch.zeros(2), "base_model.model.b": torch.zeros(3)}
+    with pytest.raises(
+        CheckpointError, match=r"different base: b has shape \(4,\) in the file but \(3,\) in this"
+    ):
+        checkpoint.copy_into(
+            entries, {"base_model.model.a": torch.ones(2), "base_model.model.b": torch.ones(4)}
+        )
+    with pytest.raises(
+        CheckpointError, match=r"base_model.model.b holds torch.int64 values in the file, but the"
+    ):
+        checkpoint.copy_into(
+            entries,
+            {"base_model.model.a": torch.ones(2), "base_model.model.b": torch.ones(3, dtype=torch.long)},
+        )
+    assert all(not t.any() for t in entries.values())
+
+
+def test_copy_into_converts_to_the_live_dtype_and_loads_allowed_base_tensors():
+    entries = {"k": torch.zeros(3, dtype=torch.bfloat16)}
+    embed = {"e": torch.zeros(2)}
+    checkpoint.copy_into(entries, {"k": torch.tensor([1.5, 2.0, 3.0]), "e": torch.tensor([4.0, 5.0])}, embed)
+    assert entries["k"].dtype == torch.bfloat16 and entries["k"].tolist() == [1.5, 2.0, 3.0]
+    assert embed["e"].tolist() == [4.0, 5.0]
+
+
+def test_non_finite_tensors_are_refused_or_loaded_with_a_warning_naming_them():
+    entries = {"a": torch.zeros(2), "b": torch.zeros(2), "n": torch.zeros(2, dtype=torch.long)}
+    state = {"a": torch.tensor([1.0, float("nan")]), "b": torch.ones(2), "n": torch.ones(2, dtype=torch.long)}
+    assert checkpoint.non_finite_names(state) == ["a"]
+    with pytest.raises(
+        CheckpointError, match=r"^1 tensors in the adapter file hold NaN or infinite values: a\. "
+    ):
+        checkpoint.copy_into(entries, state)
+    assert not entries["b"].any()
+    with pytest.warns(
+        UserWarning, match=r"^1 tensors .* values: a; loaded anyway \(allow_nonfinite=True\)\.$"
+    ):
+        checkpoint.copy_into(entries, state, allow_nonfinite=True)
+    assert entries["b"].tolist() == [1.0, 1.0] and entries["a"].isnan().tolist() == [False, True]
+
+
+def test_embedding_entries_are_the_base_embedding_tensors():
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    base = model.get_base_model()
+    out = checkpoint.embedding_entries(base)
+    assert (
+        out["base_model.model.model.embed_tokens.base_layer.weight"]
+        is base.model.embed_tokens.base_layer.weight
+    )
+    assert out["base_model.model.lm_head.weight"] is base.lm_head.weight
+    assert len(out) == 2
+    assert checkpoint.embedding_entries(nn.Linear(2, 2)) == {}
+
+
+# --- methods/lora/layers.py ------------------------------------------------------------------------------------
+def wrap(module, name="a0", **config):
+    """`module` wrapped by its LoRA layer with one adapter (B random unless init says otherwise)."""
+    torch.manual_seed(0)
+    layer = layer_class_for(module)(module)
+    config = dt.LoraConfig(**{"r": 2, "target_modules": ["x"], **config})
+    layer.add(name, config.r, config.lora_alpha, config)
+    layer.set_adapter(name)
+    return layer
+
+
+def randomize(layer):
+    with torch.no_grad():
+        for attr in layer.adapter_attrs[:2]:
+            for tensor in getattr(layer, attr).parameters():
+                tensor.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("rslora, expected", [(False, 8 / 4), (True, 8 / 2)])
+def test_scaling_is_alpha_over_r_or_over_its_root(rslora, expected):
+    layer = wrap(nn.Linear(6, 5), r=4, lora_alpha=8, use_rslora=rslora, lora_dropout=0.25)
+    assert layer.scaling == {"a0": expected} and layer.r == {"a0": 4} and layer.dropout == {"a0": 0.25}
+    assert tuple(layer.lora_A["a0"].weight.shape) == (4, 6) and tuple(layer.lora_B["a0"].weight.shape) == (
+        5,
+        4,
+    )
+    with pytest.raises(ConfigError, match="^Adapter 'a0' already exists on this layer.$"):
+        layer.add("a0", 4, 8, dt.LoraConfig(r=4))
+
+
+def test_factors_train_in_float32_on_a_half_base_and_in_the_base_dtype_otherwise():
+    assert wrap(nn.Linear(4, 4).to(torch.bfloat16)).lora_A["a0"].weight.dtype == torch.float32
+    assert wrap(nn.Linear(4, 4).to(torch.float16)).lora_B["a0"].weight.dtype == torch.float32
+    assert wrap(nn.Linear(4, 4).to(torch.float64)).lora_A["a0"].weight.dtype == torch.float64
+    assert wrap(nn.Embedding(5, 4).to(torch.float64)).lora_embedding_A["a0"].dtype == torch.float64
+
+
+def test_inits_set_the_factors_they_promise():
+    plain = wrap(nn.Linear(512, 4), r=8)
+    assert not plain.lora_B["a0"].weight.any()
+    bound = 1 / 512**0.5  # kaiming_uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))
+    assert 0.9 * bound < plain.lora_A["a0"].weight.abs().max() <= bound
+    gaussian = wrap(nn.Linear(512, 4), r=8, init_lora_weights="gaussian")
+    assert not gaussian.lora_B["a0"].weight.any()
+    assert abs(gaussian.lora_A["a0"].weight.std().item() - 1 / 8) < 0.01
+    untouched = wrap(nn.Linear(512, 4), r=8, init_lora_weights=False)
+    assert untouched.lora_B["a0"].weight.any()
+    embedding = wrap(nn.Embedding(5, 4))
+    assert not embedding.lora_embedding_A["a0"].any() and embedding.lora_embedding_B["a0"].std() > 0.3
+    raw = wrap(nn.Embedding(5, 4), init_lora_weights=False)
+    assert raw.lora_embedding_A["a0"].any()
+
+
+@pytest.mark.parametrize("module", [nn.Embedding(5, 4), nn.Conv1d(3, 4, 2)])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_weight_based_inits_are_for_linear_layers_only(module, init):
+    with pytest.raises(
+        UnsupportedModelError, match=f"^init_lora_weights='{init}' is supported on Linear layers only"
+    ):
+        wrap(module, init_lora_weights=init)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_weight_based_inits_keep_the_output_and_move_the_top_of_w_into_the_factors(init):
+    torch.manual_seed(1)
+    linear = nn.Linear(6, 5).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    before = linear(x)
+    weight = linear.weight.detach().clone()
+    layer = wrap(linear, r=2, lora_alpha=4, init_lora_weights=init)
+    torch.testing.assert_close(layer(x), before)
+    torch.testing.assert_close(layer.base_layer.weight + layer.delta_weight("a0"), weight)
+    if init == "pissa":  # A B holds the top-2 singular part of W
+        u, s, vh = torch.linalg.svd(weight)
+        torch.testing.assert_close(layer.delta_weight("a0"), (u[:, :2] * s[:2]) @ vh[:2], rtol=0, atol=1e-5)
+    integer = nn.Linear(2, 2)
+    integer.weight = nn.Parameter(torch.ones(2, 2, dtype=torch.long), requires_grad=False)
+    with pytest.raises(
+        UnsupportedModelError, match=f"^init_lora_weights='{init}' needs a float base weight; quantize"
+    ):
+        wrap(integer, init_lora_weights=init)
+
+
+def test_set_flat_factors_writes_a_lower_rank_and_zeroes_the_rest():
+    layer = randomize(wrap(nn.Conv2d(3, 4, 2), r=3))
+    a, b = torch.ones(2, 12), torch.full((4, 2), 2.0)
+    layer.set_flat_factors("a0", a, b)
+    flat_a, flat_b = layer.flat_factors("a0")
+    assert tuple(flat_a.shape) == (3, 12) and tuple(flat_b.shape) == (4, 3)
+    assert flat_a[:2].eq(1).all() and not flat_a[2].any()
+    assert flat_b[:, :2].eq(2).all() and not flat_b[:, 2].any()
+
+
+@pytest.mark.parametrize(
+    "module, x",
+    [
+        (nn.Linear(6, 5), torch.randn(3, 6)),
+        (nn.Embedding(7, 5), torch.tensor([[0, 3, 6], [2, 2, 1]])),
+        (nn.Conv1d(3, 4, 3, stride=2, padding=1), torch.randn(2, 3, 9)),
+        (nn.Conv2d(3, 4, 2, stride=1, padding=1), torch.randn(2, 3, 5, 5)),
+    ],
+    ids=["linear", "embedding", "conv1d", "conv2d"],
+)
+def test_each_layer_kind_adds_exactly_its_delta_weight_and_merges_to_it(module, x):
+    """The forward (s B A x) equals the base with W + s B A computed by hand, for every layer kind."""
+    module = module.double()
+    x = x.double() if x.is_floating_point() else x
+    layer = randomize(wrap(module, r=3, lora_alpha=6))
+    a, b = (t.detach().flatten(1) for t in layer.factors("a0"))
+    by_hand = 2.0 * (b @ a)  # s = alpha / r = 2
+    if isinstance(module, nn.Embedding):
+        by_hand = by_hand.T
+    by_hand = by_hand.view_as(layer.base_layer.weight) if not isinstance(module, nn.Embedding) else by_hand
+    torch.testing.assert_close(layer.delta_weight("a0"), by_hand)
+    merged = copy.deepcopy(module)
+    with torch.no_grad():
+        merged.weight += by_hand
+    torch.testing.assert_close(layer(x), merged(x))
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer.weight, merged.weight)
+
+
+def test_dropout_runs_only_in_training_and_the_input_is_cast_to_the_factors_dtype():
+    layer = randomize(wrap(nn.Linear(8, 8).to(torch.bfloat16), lora_dropout=0.5))
+    x = torch.randn(64, 8, dtype=torch.bfloat16)
+    layer.eval()
+    expected = layer.base_layer(x) + layer._update("a0", x.float()).to(torch.bfloat16)
+    assert torch.equal(layer(x), expected)
+    layer.train()
+    torch.manual_seed(0)
+    dropped = layer._input("a0", x)
+    assert (
+        dropped.dtype == torch.float32 and bool((dropped == 0).any()) and not torch.equal(dropped, x.float())
+    )
+
+
+def test_embedding_lookup_keeps_padding_rows_out_of_the_gradient():
+    layer = randomize(wrap(nn.Embedding(5, 4, padding_idx=0)))
+    layer(torch.tensor([0, 1, 0, 3])).sum().backward()
+    grad = layer.lora_embedding_A["a0"].grad
+    assert not grad[:, 0].any() and grad[:, 1].any() and grad[:, 3].any()
+
+
+def test_grouped_or_dilated_convolutions_and_other_modules_are_refused_by_name():
+    for conv in (nn.Conv2d(4, 4, 3, groups=2), nn.Conv1d(3, 3, 3, dilation=2)):
+        with pytest.raises(
+            UnsupportedModelError, match="^LoRA on grouped or dilated convolutions is not supported"
+        ):
+            wrap(conv)
+    with pytest.raises(
+        UnsupportedModelError, match="^LoRA cannot wrap a LayerNorm; it supports Linear, Embedding"
+    ):
+        layer_class_for(nn.LayerNorm(3))
+    assert layer_class_for(nn.Conv1d(2, 2, 1)) is layer_class_for(nn.Conv2d(2, 2, 1)) is LoraConv
+
+
+def test_mixed_rows_refuse_dora_adapters():
+    layer = wrap(nn.Linear(4, 4), use_dora=True)
+    layer.row_adapters = ["a0"]
+    with pytest.raises(UnsupportedModelError, match="^Mixed-adapter batches .* do not support DoRA adapters"):
+        layer(torch.randn(1, 4))
+
+
+class Scaled(nn.Linear):
+    """A Linear whose forward takes a keyword argument (as attention modules take masks)."""
+
+    def forward(self, x, scale=1.0):
+        return super().forward(x) * scale
+
+
+def test_modules_to_save_passes_keyword_arguments_through_and_finds_the_innermost_base():
+    module = ModulesToSave(Scaled(3, 2))
+    module.add("a")
+    module.set_adapter("a")
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(module(x, scale=3.0), 3.0 * module.modules_to_save["a"](x), rtol=0, atol=1e-6)
+    module.row_adapters = ["a", None]
+    torch.testing.assert_close(module(x, scale=3.0), 3.0 * module.modules_to_save["a"](x), rtol=0, atol=1e-6)
+    inner = Scaled(3, 2)
+    assert ModulesToSave(ModulesToSave(inner)).get_base_layer() is inner
+
+
+def test_a_fresh_modules_to_save_runs_the_original_and_names_longer_adapters_whole():
+    module = ModulesToSave(Scaled(3, 2))
+    assert module.active_adapter is None and module.active_adapters == []
+    module.add("ab")
+    module.set_adapter("ab")
+    assert module.active_adapter == "ab"
+    x = torch.randn(2, 3)
+    module.row_adapters = ["ab", None]
+    expected = torch.stack([module.modules_to_save["ab"](x[0], 2.0), module.original_module(x[1], 2.0)])
+    torch.testing.assert_close(
+        module(x, 2.0), expected, rtol=0, atol=1e-6
+    )  # positional extras reach the rows
+
+
+# --- methods/lora/dora.py ----------------------------------------------------------------------------------------
+def dora_by_hand(layer, h, x):
+    """DoRA's output from its definition: base(x) + (m / ||W + dW|| - 1) * W h + (m / ||W + dW||) * dW h."""
+    weight = layer.base_layer.weight
+    delta = layer.delta_weight("a0").to(weight.dtype)
+    conv = weight.dim() > 2
+    norm = (weight + delta).flatten(1).norm(dim=1)
+    scale = layer.lora_magnitude_vector["a0"].reshape(-1) / norm
+    if conv:
+        plain, update = F.conv1d(h, weight, padding=1), F.conv1d(h, delta, padding=1)
+        scale = scale[:, None]
+    else:
+        plain, update = h @ weight.T, h @ delta.T
+    return layer.base_layer(x) + (scale - 1) * plain + scale * update
+
+
+@pytest.mark.parametrize("module", [nn.Linear(6, 5), nn.Conv1d(3, 4, 3, padding=1)], ids=["linear", "conv1d"])
+def test_dora_under_dropout_rescales_the_base_applied_to_the_dropped_input(module):
+    layer = randomize(wrap(module.double(), use_dora=True, lora_dropout=0.5))
+    with torch.no_grad():
+        layer.lora_magnitude_vector["a0"].mul_(1.5)
+    x = (
+        torch.randn(4, 6, dtype=torch.float64)
+        if isinstance(module, nn.Linear)
+        else torch.randn(2, 3, 7).double()
+    )
+    layer.train()
+    torch.manual_seed(3)
+    out = layer(x)
+    torch.manual_seed(3)
+    h = F.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(out, dora_by_hand(layer, h, x))
+    layer.eval()
+    torch.testing.assert_close(layer(x), dora_by_hand(layer, x, x))
+
+
+def test_dora_unmerge_without_originals_inverts_the_merge():
+    layer = randomize(wrap(nn.Linear(6, 5).double(), use_dora=True))
+    with torch.no_grad():
+        layer.lora_magnitude_vector["a0"].mul_(1.5)
+    weight = layer.base_layer.weight.detach().clone()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    unmerged = layer(x)
+    layer.merge(keep_original=False)
+    torch.testing.assert_close(layer(x), unmerged)
+    norm = (weight + layer.delta_weight("a0")).norm(dim=1)
+    expected = (weight + layer.delta_weight("a0")) * (layer.lora_magnitude_vector["a0"] / norm)[:, None]
+    torch.testing.assert_close(layer.base_layer.weight, expected)
+    layer.unmerge()  # DoRA's rule runs in float32
+    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-5)
+    assert layer._merge_norms == {}
+
+
+# --- methods/lora/fused.py -------------------------------------------------------------------------------------
+def unfused(x, weight, bias, a, b, scaling):
+    out = x @ weight.T + (x @ a.T) @ b.T * scaling
+    return out if bias is None else out + bias
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("needs", [(0, 0, 1, 1), (1, 0, 0, 0), (1, 1, 1, 1), (0, 1, 0, 1), (0, 0, 1, 0)])
+def test_fused_op_gradients_equal_autograd_for_every_subset_that_trains(needs, with_bias):
+    """Each gradient the op returns (and the ones it skips) equals autograd on the unfused expression, float64."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(2, 3, 6), torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2)]
+    bias = (
+        torch.randn(5, dtype=torch.float64, requires_grad=bool(with_bias and needs[1])) if with_bias else None
+    )
+    ours = [t.double().requires_grad_(bool(n)) for t, n in zip(tensors, needs)]
+    ref = [t.detach().clone().requires_grad_(bool(n)) for t, n in zip(ours, needs)]
+    ref_bias = None if bias is None else bias.detach().clone().requires_grad_(bias.requires_grad)
+    out = lora_linear(ours[0], ours[1], bias, ours[2], ours[3], 0.75)
+    expected = unfused(ref[0], ref[1], ref_bias, ref[2], ref[3], 0.75)
+    torch.testing.assert_close(out, expected)
+    assert tuple(out.shape) == (2, 3, 5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for mine, theirs in zip([*ours, bias], [*ref, ref_bias]):
+        if theirs is None or not theirs.requires_grad:
+            assert mine is None or mine.grad is None
+        else:
+            torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_op_without_grad_is_the_same_product(with_bias):
+    torch.manual_seed(0)
+    x, w, a, b = torch.randn(2, 3, 6), torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2)
+    bias = torch.randn(5) if with_bias else None
+    with torch.no_grad():
+        out = lora_linear(x, w, bias, a, b, 0.5)
+    torch.testing.assert_close(out, unfused(x, w, bias, a, b, 0.5), rtol=1e-5, atol=1e-5)
+    assert tuple(out.shape) == (2, 3, 5)
+
+
+def test_can_fuse_takes_only_the_plain_single_adapter_float_case():
+    layer = wrap(nn.Linear(4, 4), lora_dropout=0.1)
+    x = torch.randn(2, 4)
+    layer.eval()
+    assert can_fuse(layer, x, ["a0"])
+    assert not can_fuse(layer, x, ["a0", "a0"]) and not can_fuse(layer, x, [])
+    assert not can_fuse(layer, x.double(), ["a0"])
+    layer.train()
+    assert not can_fuse(layer, x, ["a0"])  # dropout at work
+    layer.dropout["a0"] = 0.0
+    assert can_fuse(layer, x, ["a0"])
+    layer.row_adapters = ["a0", "a0"]
+    assert not can_fuse(layer, x, ["a0"])
+    layer.row_adapters = None
+    layer.plain_update = False
+    assert not can_fuse(layer, x, ["a0"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not can_fuse(wrap(nn.Linear(4, 4)), x, ["a0"])
+    assert not can_fuse(wrap(nn.Linear(4, 4), use_dora=True), x, ["a0"])
+    assert not can_fuse(wrap(nn.Linear(4, 4).to(torch.bfloat16)), x.to(torch.bfloat16), ["a0"])  # f32 factors
+    assert can_fuse(wrap(nn.Linear(4, 4).double()), x.double(), ["a0"])
+    assert not can_fuse(wrap(Scaled(4, 4)), x, ["a0"])  # a Linear subclass may change the forward
+
+
+# --- methods/lora/config.py and __init__.py --------------------------------------------------------------------
+def test_lora_config_defaults_are_peft_s():
+    ours, theirs = dt.LoraConfig(), peft.LoraConfig()
+    for field in ("r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "use_dora"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.init_lora_weights is True and ours.rank_pattern == {} and ours.alpha_pattern == {}
+    assert ours.peft_type == "LORA"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"r": 0}, "^LoRA rank r must be a positive integer, got 0.$"),
+        (
+            {"rank_pattern": {"q": 0}},
+            r"^rank_pattern ranks must be positive integers, got \{'q': 0\}; use r >= 1",
+        ),
+        ({"bias": "some"}, "^bias must be 'none', 'all' or 'lora_only', got 'some'.$"),
+        ({"lora_dropout": 1.0}, r"^lora_dropout must be in \[0, 1\), got 1.0.$"),
+        ({"lora_dropout": -0.1}, r"^lora_dropout must be in \[0, 1\), got -0.1.$"),
+        (
+            {"init_lora_weights": "eva"},
+            r"^init_lora_weights must be one of \(True, False, 'gaussian', 'pissa', 'olora'\)",
+        ),
+    ],
+)
+def test_lora_config_refuses_bad_values_by_name(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        dt.LoraConfig(**kwargs)
+
+
+def test_lora_config_edges_that_are_allowed():
+    assert dt.LoraConfig(r=1, lora_dropout=0.0, rank_pattern={"q": 1}).r == 1
+    for bias in ("none", "all", "lora_only"):
+        assert dt.LoraConfig(bias=bias).bias == bias
+    for init in (True, False, "gaussian", "pissa", "olora"):
+        assert dt.LoraConfig(init_lora_weights=init).init_lora_weights == init
+
+
+def test_rank_and_alpha_patterns_match_the_end_of_the_name_only():
+    config = dt.LoraConfig(
+        r=4, lora_alpha=16, rank_pattern={"q_proj": 2, "v": 6}, alpha_pattern={"layers.1.q_proj": 3}
+    )
+    assert config.rank_and_alpha("model.layers.0.q_proj") == (2, 16)
+    assert config.rank_and_alpha("model.layers.1.q_proj") == (2, 3)
+    assert config.rank_and_alpha("q_proj") == (2, 16)
+    assert config.rank_and_alpha("model.xq_proj") == (4, 16)
+    assert config.rank_and_alpha("model.q_proj.inner") == (4, 16)
+    assert config.rank_and_alpha("model.v") == (6, 16)
+
+
+def test_lora_method_names_its_variants_and_defaults():
+    method = LoraMethod()
+    assert method.peft_type == "LORA" and method.config_class is dt.LoraConfig
+    assert method.variants == {
+        "lora": Variant(),
+        "rslora": Variant({"use_rslora": True}),
+        "dora": Variant({"use_dora": True}),
+        "qlora": Variant(quantize="nf4"),
+    }
+    assert method.name == "lora" and method.title == "LoRA, rsLoRA, DoRA"
+    assert method.typical_lr == 1e-3 and method.recipe_defaults == {"target_modules": "all-linear"}
+    assert method.default_targets == "lora" and method.mixed_batches is True
+
+
+def test_inject_lora_wraps_once_and_marks_transposed_weights():
+    model = dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(r=2, target_modules=["c_attn"]))
+    assert model.peft_config["default"].fan_in_fan_out is True
+    model.add_adapter("b", dt.LoraConfig(r=3, target_modules=["c_attn"]))
+    layer = model.get_base_model().transformer.h[0].attn.c_attn
+    assert isinstance(layer, LoraLinear) and not isinstance(layer.base_layer, LoraLinear)
+    assert layer.adapter_names == ["default", "b"] and layer.r == {"default": 2, "b": 3}
+    plain = dt.get_peft_model(nn.Sequential(nn.Linear(3, 3)), dt.LoraConfig(r=2, target_modules=["0"]))
+    assert plain.peft_config["default"].fan_in_fan_out is False
+
+
+# --- model.py (the sampled mutants, see docs/mutation.md) --------------------------------------------------------
+def test_parameter_report_counts_by_hand():
+    model, layer = one_linear()
+    adapter = 2 * 6 + 5 * 2  # A (2 x 6) and B (5 x 2)
+    assert model.get_nb_trainable_parameters() == (adapter, 6 * 5 + 5 + 2 * adapter)
+    assert model.parameter_report() == {
+        "trainable_params": adapter,
+        "total_params": 6 * 5 + 5 + 2 * adapter,
+        "trainable_percent": 100 * adapter / (6 * 5 + 5 + 2 * adapter),
+        "active_adapters": ["a0"],
+        "stored_bytes": {"a0": 4 * adapter, "a1": 4 * adapter},
+    }
+
+
+def test_a_4bit_base_counts_its_weights_unpacked_as_peft_does():
+    pytest.importorskip("bitsandbytes")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see test_quant.one_torch_thread
+    try:
+        torch.manual_seed(0)
+        base = dt.quantize(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)), "nf4")  # the head stays float
+        model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["0"]))
+        floats = 64 * 64 + 64 + 64 * 8 + 8
+        assert model.get_nb_trainable_parameters() == (2 * 64 * 2, floats + 2 * 64 * 2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_load_adapter_sets_inference_mode_from_is_trainable(is_trainable, tmp_path):
+    model, _ = one_linear(n_adapters=1)
+    model.save_pretrained(str(tmp_path))
+    model.load_adapter(
+        str(tmp_path / "a0"), "b", is_trainable=is_trainable
+    )  # a non-default name: a subfolder
+    assert model.peft_config["b"].inference_mode is (not is_trainable)
+    model.set_adapter("b")
+    layer = model.get_base_model()[0]
+    assert layer.lora_A["b"].weight.requires_grad is is_trainable
