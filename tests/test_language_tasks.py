@@ -196,6 +196,25 @@ def test_qa_windows_carry_the_answer_as_token_positions():
         )
 
 
+def test_a_question_longer_than_the_window_is_cut_not_a_tokenizer_panic():
+    """A 40-token question in 24-token windows with stride 12 left the context 0 tokens of room, and the fast
+    tokenizer panicked from Rust; the question is now cut to a third of the window, as BERT's SQuAD recipe does."""
+    task = QuestionAnsweringTask(word_tokenizer(), max_length=24, doc_stride=12)
+    question = " ".join(["was the movie good"] * 10)
+    rows = dict(question=[question], context=[CONTEXT], answers=[QA_ROWS["answers"][0]])
+    features = task.prepare(table(**rows))
+    assert all(len(f["input_ids"]) <= 24 for f in features)
+    question_tokens = [
+        sum(span is None for span in f["offsets"]) - 3 for f in features
+    ]  # minus [CLS] and 2 [SEP]
+    assert set(question_tokens) == {24 // 3}
+    found = [f for f in features if f["start_positions"] > 0]
+    assert found and all(
+        CONTEXT[f["offsets"][f["start_positions"]][0] : f["offsets"][f["end_positions"]][1]] == "very good"
+        for f in found
+    )
+
+
 def test_qa_decoding_takes_the_best_span_over_windows_or_no_answer():
     task = QuestionAnsweringTask(word_tokenizer(), max_length=16)
     context = "abc def ghi"

@@ -124,7 +124,7 @@ class QuestionAnsweringTask(Task):
         """Tokenized (question, context window) pairs with each window's example index and context offsets."""
         stride = min(self.doc_stride, self.max_length // 2)
         enc = self.tokenizer(
-            [q.lstrip() for q in questions],
+            self.capped_questions([q.lstrip() for q in questions]),
             contexts,
             truncation="only_second",
             max_length=self.max_length,
@@ -145,6 +145,17 @@ class QuestionAnsweringTask(Task):
         if not features:
             raise DataError("No question produced a window; check the question and context columns.")
         return features
+
+    def capped_questions(self, questions: list[str]) -> list[str]:
+        """Questions cut to 64 tokens (a third of max_length when that is less), as BERT's SQuAD recipe does: a
+        longer question leaves the context less room in a window than the stride shared between windows, which the
+        tokenizer cannot split, and the answer lives in the context anyway."""
+        limit = min(64, self.max_length // 3)
+        enc = self.tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
+        return [
+            q if len(offsets) <= limit else q[: offsets[limit - 1][1]]
+            for q, offsets in zip(questions, enc["offset_mapping"])
+        ]
 
     def prepare(self, table, source: str = "the data") -> list[dict[str, Any]]:
         questions = [str(q) for q in table[self.question_column]]
