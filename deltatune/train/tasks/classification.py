@@ -87,6 +87,11 @@ class SequenceClassificationTask(Task):
                 f["labels"] = labels.encode(value, source)
         return features
 
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        """A row's scores from the head's logits: class probabilities (softmax); regression and multi-label
+        override this one line and share the batching in `scores`."""
+        return logits.softmax(-1)
+
     @torch.no_grad()
     def scores(self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int) -> torch.Tensor:
         device, out = _device_of(model), []
@@ -94,7 +99,7 @@ class SequenceClassificationTask(Task):
             batch = to_device(
                 self.collate([{k: v for k, v in f.items() if k != "labels"} for f in chunk]), device
             )
-            out.append(logits_of(model(**batch)).float().softmax(-1).cpu())
+            out.append(self.outputs(logits_of(model(**batch)).float()).cpu())
         return torch.cat(out)
 
     def evaluate(

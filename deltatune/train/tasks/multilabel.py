@@ -11,7 +11,7 @@ from torch import nn
 
 from deltatune.train import metrics as M
 from deltatune.train.data import DataError, LabelMap
-from deltatune.train.tasks.base import StepOutput, _batches, _device_of, logits_of, model_inputs, to_device
+from deltatune.train.tasks.base import StepOutput, logits_of, model_inputs
 from deltatune.train.tasks.classification import SequenceClassificationTask
 
 THRESHOLD_GRID = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 .. 0.95
@@ -106,16 +106,9 @@ class MultiLabelClassificationTask(SequenceClassificationTask):
         loss = F.binary_cross_entropy_with_logits(logits, batch["labels"].float())
         return StepOutput(loss, None, None, int(batch["attention_mask"].sum()))
 
-    @torch.no_grad()
-    def scores(self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int) -> torch.Tensor:
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-label probabilities (sigmoid, not softmax: the labels do not compete)."""
-        device, out = _device_of(model), []
-        for chunk in _batches(features, batch_size):
-            batch = to_device(
-                self.collate([{k: v for k, v in f.items() if k != "labels"} for f in chunk]), device
-            )
-            out.append(logits_of(model(**batch)).float().sigmoid().cpu())
-        return torch.cat(out)
+        return logits.sigmoid()
 
     def evaluate(
         self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int

@@ -12,7 +12,7 @@ from torch import nn
 
 from deltatune.train import metrics as M
 from deltatune.train.data import DataError, LabelMap
-from deltatune.train.tasks.base import StepOutput, _batches, _device_of, logits_of, model_inputs, to_device
+from deltatune.train.tasks.base import StepOutput, logits_of, model_inputs
 from deltatune.train.tasks.classification import SequenceClassificationTask
 
 
@@ -68,15 +68,9 @@ class RegressionTask(SequenceClassificationTask):
         loss = F.mse_loss(predictions, batch["labels"].float())
         return StepOutput(loss, None, None, int(batch["attention_mask"].sum()))
 
-    @torch.no_grad()
-    def scores(self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int) -> torch.Tensor:
-        device, out = _device_of(model), []
-        for chunk in _batches(features, batch_size):
-            batch = to_device(
-                self.collate([{k: v for k, v in f.items() if k != "labels"} for f in chunk]), device
-            )
-            out.append(logits_of(model(**batch)).float().squeeze(-1).cpu())
-        return torch.cat(out)
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The predicted value: the one-unit head's output, as is."""
+        return logits.squeeze(-1)
 
     def evaluate(
         self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int
