@@ -23,6 +23,10 @@ EQUIVALENT: dict[str, str] = {
     "deltatune.methods.lora.fused.xǁLoraLinearFunctionǁbackward__mutmut_17": (
         "`or True` computes g_xa when neither x nor A needs a gradient; it is then unused (only wasted work)"
     ),
+    "deltatune.methods.lora.arithmetic.x_combine_layer__mutmut_48": (
+        'combine("LINEAR", ...) falls through to the weighted sum, which is what "linear" computes'
+    ),
+    "deltatune.methods.lora.dora.x_merged_weight__mutmut_5": "norm(p=None, dim=1) is the 2-norm over dim 1",
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped"}

@@ -3,20 +3,24 @@ the rest of the suite let live (see docs/mutation.md): each pins one behaviour t
 the exact state left after a failure, on models small enough to run in milliseconds."""
 
 import copy
+import inspect
+import math
 
 import peft
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import tiny_gpt2, tiny_llama
+from safetensors import safe_open
 from torch import nn
 
 import deltatune as dt
 from deltatune import checkpoint
+from deltatune import model as model_module
 from deltatune.errors import CheckpointError, ConfigError, MergeError, UnsupportedModelError
 from deltatune.layer import AdapterLayer, ModulesToSave
 from deltatune.method import Variant
-from deltatune.methods.lora import LoraMethod
+from deltatune.methods.lora import LoraMethod, arithmetic
 from deltatune.methods.lora.fused import can_fuse, lora_linear
 from deltatune.methods.lora.layers import LoraConv, LoraLinear, layer_class_for
 
@@ -837,3 +841,115 @@ def test_load_adapter_sets_inference_mode_from_is_trainable(is_trainable, tmp_pa
     model.set_adapter("b")
     layer = model.get_base_model()[0]
     assert layer.lora_A["b"].weight.requires_grad is is_trainable
+
+
+# --- the random sample of docs/mutation.md (bench/mutation_sample.py): survivors a missing assertion let live ------
+def test_get_layer_status_reports_each_adapter_layer_as_peft_does():
+    model, _ = one_linear()
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(
+        nn.Sequential(nn.Linear(6, 5)), peft.LoraConfig(r=2, target_modules=["0"]), adapter_name="a0"
+    )
+    theirs.add_adapter("a1", peft.LoraConfig(r=2, target_modules=["0"]))
+    fields = ("name", "enabled", "active_adapters", "merged_adapters", "requires_grad", "available_adapters")
+    ours = [{f: getattr(s, f) for f in fields} for s in model.get_layer_status()]
+    assert ours == [{f: getattr(s, f) for f in fields} for s in theirs.get_layer_status()]
+    assert ours[0]["available_adapters"] == ["a0", "a1"] and ours[0]["active_adapters"] == ["a0"]
+
+
+def test_named_forward_signature_names_the_inputs_then_takes_any_keyword():
+    """transformers reads the columns a model takes from this signature (built once, at import)."""
+    parameters = inspect.signature(model_module._named_forward("input_ids", "labels")).parameters
+    assert [(n, p.kind, p.default) for n, p in parameters.items()] == [
+        ("self", inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty),
+        ("input_ids", inspect.Parameter.POSITIONAL_OR_KEYWORD, None),
+        ("labels", inspect.Parameter.POSITIONAL_OR_KEYWORD, None),
+        ("kwargs", inspect.Parameter.VAR_KEYWORD, inspect.Parameter.empty),
+    ]
+
+
+def test_relative_error_of_a_zero_target_is_zero_when_matched_and_infinite_otherwise():
+    a, b = torch.zeros(2, 3), torch.zeros(4, 2)
+    assert arithmetic.relative_error(a, b, torch.zeros(4, 3)) == 0.0
+    assert arithmetic.relative_error(a, b + 1, torch.zeros(4, 3)) == 0.0  # B A is still zero: A is
+    assert arithmetic.relative_error(a + 1, b + 1, torch.zeros(4, 3)) == math.inf
+    assert arithmetic.relative_error(a + 1, b + 1, torch.full((4, 3), 4.0)) == pytest.approx(0.5)
+
+
+def test_add_weighted_adapter_refuses_an_existing_name_before_building_anything():
+    model, _ = one_linear()
+    with pytest.raises(ConfigError, match="pick a new name for the combination"):
+        model.add_weighted_adapter(["a0"], [1.0], "a1")
+    # the module function's own defaults are peft's (majority_sign_method="total", combination_type="svd")
+    report = arithmetic.add_weighted_adapter(model, ["a0", "a1"], [1.0, 1.0], "both")
+    assert report.combination_type == "svd" and "both" in model.peft_config
+
+
+def test_a_combination_drops_the_first_adapters_alpha_pattern():
+    """The factors carry the weights and scalings already: an inherited alpha_pattern would rescale them again."""
+    torch.manual_seed(0)
+    model = dt.get_peft_model(
+        nn.Sequential(nn.Linear(6, 5)),
+        dt.LoraConfig(r=2, target_modules=["0"], alpha_pattern={"0": 8}),
+        adapter_name="a0",
+    )
+    model.add_adapter("a1", dt.LoraConfig(r=2, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        for name in layer.lora_B:
+            nn.init.normal_(layer.lora_B[name].weight)
+    model.add_weighted_adapter(["a0", "a1"], [1.0, 0.5], "both", combination_type="cat")
+    assert model.peft_config["both"].alpha_pattern == {}
+    expected = layer.delta_weight("a0") + 0.5 * layer.delta_weight("a1")
+    torch.testing.assert_close(layer.delta_weight("both"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_saved_p_tuning_adapter_does_not_load_for_training_under_a_new_name(tmp_path):
+    config = dt.PromptEncoderConfig(num_virtual_tokens=3, task_type="CAUSAL_LM", encoder_hidden_size=8)
+    dt.get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path))
+    model = dt.get_peft_model(tiny_llama(), config)
+    with pytest.raises(
+        CheckpointError, match="^A saved P_TUNING adapter holds the prompts its encoder produced"
+    ):
+        model.load_adapter(str(tmp_path), "second", is_trainable=True)
+    assert list(model.peft_config) == ["default"]
+
+
+def test_adapter_file_says_format_pt_as_transformers_expects(tmp_path):
+    model, _ = one_linear(n_adapters=1)
+    model.save_pretrained(str(tmp_path))
+    with safe_open(str(tmp_path / "a0" / "adapter_model.safetensors"), "pt") as f:  # a0: not "default"
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_refusals_of_unsupported_options_say_what_to_do(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"^low_cpu_mem_usage=True is not supported: deltatune creates adapter weights on the base model's "
+        r"device directly\. Leave it False\.$",
+    ):
+        dt.PeftModel(
+            nn.Sequential(nn.Linear(6, 5)), dt.LoraConfig(target_modules=["0"]), low_cpu_mem_usage=True
+        )
+    model, _ = one_linear(n_adapters=1)
+    with pytest.raises(
+        ConfigError, match=r"^deltatune writes safetensors only \(pickled \.bin files are unsafe to load\)\.$"
+    ):
+        model.save_pretrained(str(tmp_path), safe_serialization=False)
+
+
+def test_add_adapter_keeps_its_own_copy_of_the_config():
+    model, _ = one_linear(n_adapters=1)
+    config = dt.LoraConfig(r=2, target_modules=["0"])
+    model.add_adapter("b", config)
+    config.rank_pattern["0"] = 7
+    assert model.peft_config["b"].rank_pattern == {}
+
+
+def test_a_new_prompt_tuning_model_runs_its_prompts():
+    """Adapters are enabled from the start: the logits cover the virtual tokens too, as peft's do."""
+    model = dt.get_peft_model(
+        tiny_llama(), dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
+    )
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert model(input_ids=ids).logits.shape[1] == 4 + 3
