@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.train import images as I
 from deltatune.train.data import LabelMap, pad_batch
 from deltatune.train.distributed import compute_device
 
@@ -238,3 +239,13 @@ class ImageRowsTask(Task):
         self.image_size = image_size or self.default_image_size
         self.read_files = read_files  # a server answering the network sets False: base64 images only
         self.data_dir = data_dir  # relative image paths of tables split from the training file start here
+
+    def deliver_image(self, result: dict[str, Any], image: Any, row: dict[str, Any]) -> None:
+        """Add a drawn picture to a prediction as the row asks: written to `output` and/or returned as base64."""
+        if row.get("output"):
+            result["output"] = I.save_image(image, row["output"])
+        if row.get("return_image"):
+            result["image_png_base64"] = I.png_base64(image)
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.name, "labels": self.labels.names if self.labels else None}

@@ -180,12 +180,6 @@ class DetectionTask(ImageRowsTask):
             if row.get("output") or row.get("return_image"):
                 captions = [f"{n} {float(s):.2f}" for n, s in zip(names, det["scores"][keep])]
                 drawn = I.draw_boxes(I.to_tensor(picture), boxes, captions, len(self.labels), ids)
-                if row.get("output"):
-                    result["output"] = I.save_image(drawn, row["output"])
-                if row.get("return_image"):
-                    result["image_png_base64"] = I.png_base64(drawn)
+                self.deliver_image(result, drawn, row)
             results.append(result)
         return results
-
-    def describe(self) -> dict[str, Any]:
-        return {"task": self.name, "labels": self.labels.names if self.labels else None}

@@ -161,12 +161,6 @@ class SegmentationTask(ImageRowsTask):
                     }
                 }
                 coloured = I.colour_mask(mask, len(self.labels))
-                if row.get("output"):
-                    result["output"] = I.save_image(coloured, row["output"])
-                if row.get("return_image"):
-                    result["image_png_base64"] = I.png_base64(coloured)
+                self.deliver_image(result, coloured, row)
                 results.append(result)
         return results
-
-    def describe(self) -> dict[str, Any]:
-        return {"task": self.name, "labels": self.labels.names if self.labels else None}
