@@ -8,7 +8,14 @@ import datasets
 import pytest
 import torch
 import yaml
-from helpers import sentiment_rows, tiny_bert_folder, tiny_llama_folder, word_tokenizer, write_csv
+from helpers import (
+    sentiment_rows,
+    tiny_bert_folder,
+    tiny_llama_folder,
+    train_config,
+    word_tokenizer,
+    write_csv,
+)
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.errors import DataError
@@ -25,21 +32,9 @@ from deltatune.train.tasks import (
     SummarizationTask,
     TranslationTask,
 )
-from deltatune.train.trainer import TrainConfig, Trainer
+from deltatune.train.trainer import Trainer
 
-
-def cfg(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        batch_size=4,
-        lr=1e-2,
-        progress=False,
-        tensorboard=False,
-        plot=False,
-        num_threads=1,
-    )
-    return TrainConfig(**{**base, **kw})
+cfg = train_config  # a few quiet steps of a tiny model
 
 
 def table(**columns):

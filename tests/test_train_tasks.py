@@ -2,30 +2,17 @@
 
 import pytest
 import torch
-from helpers import tiny_cnn, word_tokenizer
+from helpers import tiny_cnn, train_config, word_tokenizer
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.train import (
     ImageClassificationTask,
     Seq2SeqTask,
     TokenClassificationTask,
-    TrainConfig,
     Trainer,
 )
 
-
-def cfg(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        batch_size=4,
-        lr=1e-2,
-        progress=False,
-        tensorboard=False,
-        plot=False,
-        num_threads=1,
-    )
-    return TrainConfig(**{**base, **kw})
+cfg = train_config  # a few quiet steps of a tiny model
 
 
 def test_token_classification_aligns_bio_tags_and_scores_entities(tmp_path):

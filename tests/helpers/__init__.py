@@ -8,6 +8,7 @@ from helpers.data import (
     sentiment_rows,
     tiny_bert_folder,
     tiny_llama_folder,
+    train_config,
     word_tokenizer,
     write_csv,
 )
@@ -26,6 +27,7 @@ from helpers.models import (
 from helpers.serving import save_llama_adapters, serve_in_thread
 
 __all__ = [
+    "train_config",
     "CNN",
     "FILLER",
     "MLP",

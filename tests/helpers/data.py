@@ -114,3 +114,20 @@ def tiny_llama_folder(path: str, seed: int = 0) -> str:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def train_config(tmp_path, **overrides):
+    """A TrainConfig for a few quiet steps of a tiny model (no progress bar, plots or tensorboard; one thread)."""
+    from deltatune.train.trainer import TrainConfig
+
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        batch_size=4,
+        lr=1e-2,
+        progress=False,
+        tensorboard=False,
+        plot=False,
+        num_threads=1,
+    )
+    return TrainConfig(**{**base, **overrides})
