@@ -116,6 +116,17 @@ def train(ctx: typer.Context):
     if int(os.environ.get("RANK", "0")) == 0:
         _print_metrics(result["metrics"], as_json=False)
         typer.echo(f"adapter saved to {os.path.abspath(raw.get('output_dir', 'runs/deltatune'))}")
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """The processes of a torchrun job meet once more and close their process group before exiting: a rank that
+    exits while another still tears down takes the job's store with it (seen as an abort in a two-node run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _rows_from_file(path: str, run) -> list[dict[str, Any]]:
