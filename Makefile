@@ -111,7 +111,7 @@ language-data: $(STAMP)
 # `make test`. Two workers for a shared 2-core box; results and score in docs/mutation.md. Re-runs reuse mutants/.
 MUTATION_JOBS ?= 2
 mutation: $(STAMP)
-	$(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
 	$(BIN)/python bench/mutation_score.py
 
 lint: $(STAMP)

@@ -92,13 +92,18 @@ def stored_bytes(entries: dict[str, torch.Tensor]) -> int:
 
 def write_adapter_file(entries: dict[str, torch.Tensor], directory: str) -> int:
     """Write `adapter_model.safetensors` atomically; returns the bytes written. Tensors are cloned, so shared
-    storage is fine."""
+    storage is fine. A failed write leaves neither a partial file nor its temporary behind."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in entries.items()}
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, WEIGHTS_NAME)
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return os.path.getsize(path)
 
 
@@ -220,7 +225,8 @@ def copy_into(
                 message + ". Every output would be NaN; retrain or re-download the adapter "
                 "(or pass allow_nonfinite=True to load it anyway)."
             )
-        warnings.warn(message + "; loaded anyway (allow_nonfinite=True).", stacklevel=3)
+        # stacklevel 4: the user's from_pretrained/load_adapter call (-> _load_weights -> copy_into)
+        warnings.warn(message + "; loaded anyway (allow_nonfinite=True).", stacklevel=4)
     converted = {k: t.to(dtype=targets[k].dtype, device=targets[k].device) for k, t in state.items()}
     with torch.no_grad():
         for key, tensor in converted.items():

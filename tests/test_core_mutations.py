@@ -5,12 +5,13 @@ the exact state left after a failure, on models small enough to run in milliseco
 import copy
 import inspect
 import math
+from contextlib import nullcontext
 
 import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_gpt2, tiny_llama
+from helpers import randomize_adapter, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from torch import nn
 
@@ -20,7 +21,7 @@ from deltatune import model as model_module
 from deltatune.errors import CheckpointError, ConfigError, MergeError, UnsupportedModelError
 from deltatune.layer import AdapterLayer, ModulesToSave
 from deltatune.method import Variant
-from deltatune.methods.lora import LoraMethod, arithmetic
+from deltatune.methods.lora import LoraMethod, arithmetic, dora
 from deltatune.methods.lora.fused import can_fuse, lora_linear
 from deltatune.methods.lora.layers import LoraConv, LoraLinear, layer_class_for
 
@@ -953,3 +954,372 @@ def test_a_new_prompt_tuning_model_runs_its_prompts():
     )
     ids = torch.tensor([[1, 2, 3, 4]])
     assert model(input_ids=ids).logits.shape[1] == 4 + 3
+
+
+# --- model.py: every refusal, word for word (a user reads these; a mutated message is a changed behaviour) ------
+def lora_on_linear(n_adapters=1):
+    return one_linear(n_adapters=n_adapters)[0]
+
+
+def ia3_on_linear():
+    return dt.get_peft_model(
+        nn.Sequential(nn.Linear(6, 5)), dt.IA3Config(target_modules=["0"], feedforward_modules=[])
+    )
+
+
+def merged(model):
+    model.merge_adapter()
+    return model
+
+
+def two_prompt_adapters():
+    config = dt.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")
+    model = dt.get_peft_model(tiny_llama(), config)
+    model.add_adapter("b", config)
+    return model
+
+
+MODEL_REFUSALS = [
+    (
+        lambda tmp: dt.PeftModel(
+            nn.Sequential(nn.Linear(6, 5)), dt.LoraConfig(target_modules=["0"]), autocast_adapter_dtype=False
+        ),
+        ConfigError,
+        "autocast_adapter_dtype=False is not supported: deltatune keeps adapter weights in float32 on a "
+        "float16/bfloat16 base (as peft does by default), which is what makes their updates stable.",
+    ),
+    (
+        lambda tmp: lora_on_linear()(torch.ones(1, 6), adapter_names="a0"),
+        ConfigError,
+        "adapter_names must be a list with one adapter name per row, got str.",
+    ),
+    (
+        lambda tmp: lora_on_linear().generate(torch.ones(1, 6), adapter_names=3),
+        ConfigError,
+        "adapter_names must be a list with one adapter name per row, got int.",
+    ),
+    (
+        lambda tmp: ia3_on_linear()(torch.ones(1, 6), adapter_names=["default"]),
+        UnsupportedModelError,
+        "Mixed-adapter batches (adapter_names) are supported for LoRA adapters, not IA3; run each adapter in "
+        "its own batch with set_adapter().",
+    ),
+    (
+        lambda tmp: merged(lora_on_linear())(torch.ones(1, 6), adapter_names=["a0"]),
+        MergeError,
+        "adapter_names cannot be used while adapters are merged; call unmerge_adapter() first.",
+    ),
+    (
+        lambda tmp: lora_on_linear().saved_entries("a0", save_embedding_layers="yes"),
+        ConfigError,
+        "save_embedding_layers must be 'auto', True or False, got 'yes'.",
+    ),
+    (
+        lambda tmp: lora_on_linear().saved_entries("a0", save_embedding_layers=True),
+        ConfigError,
+        "save_embedding_layers=True needs a transformers model (get_input_embeddings).",
+    ),
+    (
+        lambda tmp: lora_on_linear().add_adapter(
+            "b", dt.LoraConfig(target_modules=["0"]), low_cpu_mem_usage=True
+        ),
+        ConfigError,
+        "low_cpu_mem_usage=True is not supported; leave it False.",
+    ),
+    (
+        lambda tmp: lora_on_linear().add_adapter("a0", dt.LoraConfig(target_modules=["0"])),
+        ConfigError,
+        "An adapter named 'a0' already exists; pick another name or delete it first.",
+    ),
+    (
+        lambda tmp: lora_on_linear().add_adapter(
+            "b", dt.IA3Config(target_modules=["0"], feedforward_modules=[])
+        ),
+        ConfigError,
+        "This model holds LORA adapters; a IA3 adapter cannot join them. Use a separate PeftModel (or "
+        "merge_and_unload first).",
+    ),
+    (
+        lambda tmp: dt.get_peft_model(
+            nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 5)), dt.LoraConfig(target_modules=["0"])
+        ).add_adapter("b", dt.LoraConfig(target_modules=["1"], modules_to_save=["0"])),
+        ConfigError,
+        "0 is both adapted and in modules_to_save; choose one.",
+    ),
+    (
+        lambda tmp: dt.get_peft_model(
+            nn.Sequential(nn.Linear(6, 5)), dt.LoraConfig(target_modules=["0"], modules_to_save=["head"])
+        ),
+        ConfigError,
+        "modules_to_save=['head'] matched no module of Sequential.",
+    ),
+    (
+        lambda tmp: merged(lora_on_linear()).disable_adapter().__enter__(),
+        MergeError,
+        "Adapters are merged into the weights; call unmerge_adapter() before disabling them.",
+    ),
+    (
+        lambda tmp: lora_on_linear(2).set_adapter(["a1", "zz"]),
+        dt.errors.AdapterNotFoundError,
+        "No adapter named 'zz'; this model has: a0, a1.",
+    ),
+    (
+        lambda tmp: lora_on_linear().delete_adapter("a0"),
+        ConfigError,
+        "Cannot delete the only adapter; use unload() to get the base model back.",
+    ),
+    (
+        lambda tmp: two_prompt_adapters().merge_adapter(),
+        MergeError,
+        "PROMPT_TUNING adapters change the model's inputs or activations, not its weights, so they cannot be "
+        "merged; keep the PeftModel (or use unload() to get the plain base model back).",
+    ),
+    (
+        lambda tmp: lora_on_linear().unmerge_adapter(),
+        MergeError,
+        "Nothing is merged, so there is nothing to unmerge.",
+    ),
+    (
+        lambda tmp: lora_on_linear().save_pretrained(str(tmp / "file.txt")),
+        ConfigError,
+        "{tmp}/file.txt is a file; save_pretrained needs a folder.",
+    ),
+    (
+        lambda tmp: lora_on_linear().load_adapter(str(tmp), "b", low_cpu_mem_usage=True),
+        ConfigError,
+        "autocast_adapter_dtype=False and low_cpu_mem_usage=True are not supported.",
+    ),
+    (
+        lambda tmp: lora_on_linear().load_adapter(str(tmp), "b", autocast_adapter_dtype=False),
+        ConfigError,
+        "autocast_adapter_dtype=False and low_cpu_mem_usage=True are not supported.",
+    ),
+    (
+        lambda tmp: dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM"))(
+            torch.ones(1, 3, dtype=torch.long), None, None, None, None, None, None, None, None
+        ),
+        TypeError,
+        "forward() takes at most 8 positional arguments, got 9.",
+    ),
+    (
+        lambda tmp: dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM"))(
+            input_ids=torch.ones(1, 3, dtype=torch.long), task_ids=torch.zeros(1)
+        ),
+        ConfigError,
+        "task_ids is for peft's multitask prompt tuning, which deltatune does not have.",
+    ),
+    (
+        lambda tmp: dt.get_peft_model("model", dt.LoraConfig()),
+        UnsupportedModelError,
+        "get_peft_model needs a torch.nn.Module, got str.",
+    ),
+    (
+        lambda tmp: dt.get_peft_model(lora_on_linear(), dt.LoraConfig(target_modules=["0"])),
+        UnsupportedModelError,
+        "This model already has adapters; use model.add_adapter(name, config) instead.",
+    ),
+    (
+        lambda tmp: dt.get_peft_model(nn.Linear(2, 2), {"r": 8}),
+        TypeError,
+        "peft_config must be a deltatune config (e.g. LoraConfig), got dict.",
+    ),
+    (
+        lambda tmp: dt.get_peft_model(nn.Linear(2, 2), dt.LoraConfig(), mixed=True),
+        ConfigError,
+        "mixed=True (peft's PeftMixedModel, adapters of different methods in one model) is not supported; "
+        "use one method per PeftModel.",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, error, message", MODEL_REFUSALS)
+def test_each_model_refusal_is_its_exact_sentence(call, error, message, tmp_path):
+    (tmp_path / "file.txt").write_text("not a folder")
+    with pytest.raises(error) as raised:
+        call(tmp_path)
+    assert str(raised.value) == message.format(tmp=tmp_path)
+
+
+def test_load_adapter_into_an_existing_name_of_another_method_is_refused_by_name(tmp_path):
+    ia3_on_linear().save_pretrained(str(tmp_path))
+    model = lora_on_linear()
+    with pytest.raises(ConfigError) as raised:
+        model.load_adapter(str(tmp_path), "a0")
+    assert str(raised.value) == (
+        f"{tmp_path} holds a IA3 adapter; it cannot load into adapter 'a0' (LORA). Pick another adapter_name."
+    )
+
+
+def test_switching_adapters_while_merged_warns_and_unmerges():
+    model = lora_on_linear(2)
+    model.merge_adapter()
+    with pytest.warns(UserWarning) as caught:
+        model.set_adapter("a1")
+    assert [str(w.message) for w in caught] == [
+        "Adapters are merged into the weights; unmerging before switching."
+    ]
+    assert not any(isinstance(m, AdapterLayer) and m.merged for m in model.modules())
+
+
+def test_from_pretrained_builds_the_task_class_the_config_names(tmp_path):
+    dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM")).save_pretrained(
+        str(tmp_path / "lm")
+    )
+    lora_on_linear().save_pretrained(str(tmp_path / "plain"))
+    assert type(dt.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "lm"))) is dt.PeftModelForCausalLM
+    loaded = dt.PeftModel.from_pretrained(nn.Sequential(nn.Linear(6, 5)), str(tmp_path / "plain" / "a0"))
+    assert type(loaded) is dt.PeftModel
+
+
+def test_load_adapter_into_an_existing_name_loads_the_saved_weights(tmp_path):
+    """What transformers' Trainer does when resuming: the folder's tensors replace the live ones."""
+    saved, layer = one_linear(n_adapters=1, seed=1)
+    saved.save_pretrained(str(tmp_path))
+    model, live = one_linear(n_adapters=1, seed=2)
+    assert not torch.equal(live.lora_B["a0"].weight, layer.lora_B["a0"].weight)
+    model.load_adapter(str(tmp_path / "a0"), "a0", is_trainable=True)
+    assert torch.equal(live.lora_B["a0"].weight, layer.lora_B["a0"].weight)
+    assert torch.equal(live.lora_A["a0"].weight, layer.lora_A["a0"].weight)
+
+
+def test_model_card_tags_name_the_method_the_base_and_the_library(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    model = dt.get_peft_model(
+        tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM", base_model_name_or_path="org/base")
+    )
+    model.save_pretrained(str(tmp_path / "lm"))
+    lora_on_linear().save_pretrained(str(tmp_path / "plain"))
+
+    def card(folder):
+        return yaml.safe_load((tmp_path / folder / "README.md").read_text().split("---")[1])
+
+    assert card("lm")["tags"] == sorted(["deltatune", "lora", "base_model:adapter:org/base", "transformers"])
+    assert card("lm")["pipeline_tag"] == "text-generation" and card("lm")["library_name"] == "peft"
+    assert card("plain")["tags"] == ["deltatune", "lora"] and "pipeline_tag" not in card("plain")
+
+
+# --- checkpoint.py and the LoRA forwards: what the sampled survivors showed unpinned ----------------------------
+def test_a_non_finite_warning_points_at_the_users_call(tmp_path):
+    model, layer = one_linear(n_adapters=1)
+    with torch.no_grad():
+        layer.lora_B["a0"].weight[0, 0] = math.nan
+    model.save_pretrained(str(tmp_path))
+    with pytest.warns(UserWarning, match="loaded anyway") as caught:
+        dt.PeftModel.from_pretrained(
+            nn.Sequential(nn.Linear(6, 5)), str(tmp_path / "a0"), allow_nonfinite=True
+        )
+    assert caught[0].filename == __file__
+    fresh, _ = one_linear(n_adapters=1)
+    with pytest.warns(UserWarning, match="loaded anyway") as caught:
+        fresh.load_adapter(str(tmp_path / "a0"), "b", allow_nonfinite=True)
+    assert caught[0].filename == __file__
+
+
+def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
+    def half_written(tensors, path, metadata):
+        with open(path, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.write_adapter_file({"w": torch.ones(2)}, str(tmp_path / "out"))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_lora_only_biases_skip_wrapped_layers_that_have_no_bias_attribute():
+    """An embedding has no `bias` attribute at all; the linear layer's bias is the one that trains."""
+    base = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 5))
+    model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["0", "1"], bias="lora_only"))
+    biases = checkpoint.trained_biases(model.get_base_model(), "lora_only")
+    assert list(biases) == ["1.base_layer.bias"] and biases["1.base_layer.bias"] is base[1].base_layer.bias
+
+
+class ScaledLinear(nn.Linear):
+    """A linear layer whose forward takes a keyword (as some models' projections do)."""
+
+    def forward(self, x, *, scale=1.0):
+        return super().forward(x) * scale
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_keyword_arguments_reach_the_base_layer(use_dora):
+    torch.manual_seed(0)
+    model = dt.get_peft_model(
+        nn.Sequential(ScaledLinear(6, 5)), dt.LoraConfig(r=2, target_modules=["0"], use_dora=use_dora)
+    )
+    layer = model.get_base_model()[0]
+    x = torch.randn(3, 6)
+    expected = layer.base_layer(x, scale=3.0)  # the adapter's B is zero at init: the output is the base's
+    torch.testing.assert_close(layer(x, scale=3.0), expected)
+    with model.row_adapters(["default"] * 3) if not use_dora else nullcontext():
+        torch.testing.assert_close(layer(x, scale=3.0), expected)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_bfloat16_base_gives_bfloat16_outputs(use_dora):
+    """The factors train in float32; the layer's output is cast back to the base's dtype."""
+    torch.manual_seed(0)
+    model = dt.get_peft_model(
+        nn.Sequential(nn.Linear(6, 5)).to(torch.bfloat16),
+        dt.LoraConfig(r=2, target_modules=["0"], use_dora=use_dora),
+    )
+    layer = model.get_base_model()[0]
+    with torch.no_grad():
+        nn.init.normal_(layer.lora_B["default"].weight)
+    assert layer.lora_B["default"].weight.dtype == torch.float32
+    assert layer(torch.randn(3, 6, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_a_model_half_built_has_no_base_model_attribute():
+    """Attribute fall-through must not recurse while `base_model` is not set yet (copy/pickle hooks look first)."""
+    bare = dt.PeftModel.__new__(dt.PeftModel)
+    nn.Module.__init__(bare)
+    assert not hasattr(bare, "base_model")
+    assert not hasattr(bare, "anything_else")
+
+
+def test_deleting_a_prompt_adapter_drops_its_encoder():
+    model = two_prompt_adapters()
+    assert list(model.prompt_encoder) == ["default", "b"]
+    model.delete_adapter("b")
+    assert list(model.prompt_encoder) == ["default"] and list(model.peft_config) == ["default"]
+
+
+def test_with_the_output_embedding_targeted_its_base_weight_is_saved():
+    """peft's rule: with embeddings targeted, the wrapped ones' base weights travel (here lm_head, which comes
+    after the untargeted input embedding)."""
+    model = dt.get_peft_model(
+        tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM", target_modules=["lm_head", "q_proj"])
+    )
+    extra = sorted(k for k in model.saved_entries("default") if "lora_" not in k)
+    assert extra == ["base_model.model.lm_head.base_layer.weight"]
+
+
+def test_generate_runs_each_rows_adapter():
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM"))
+    randomize_adapter(model, scale=1.0)
+    ids = torch.tensor([[1, 2, 3, 4]])
+
+    def greedy(**kwargs):
+        return model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, **kwargs)
+
+    with model.disable_adapter():
+        base = greedy()
+    assert not torch.equal(greedy(), base)  # the adapter changes what is generated
+    assert torch.equal(greedy(adapter_names=["__base__"]), base)
+    assert torch.equal(greedy(adapter_names=["default"]), greedy())
+
+
+def test_dora_merge_rules_return_the_weights_dtype():
+    """Each merge is computed in float32 and rounded once, to the weight's own dtype."""
+    torch.manual_seed(0)
+    model = dt.get_peft_model(
+        nn.Sequential(nn.Linear(6, 5)).to(torch.bfloat16),
+        dt.LoraConfig(r=2, target_modules=["0"], use_dora=True),
+    )
+    layer = model.get_base_model()[0]
+    weight = layer.base_weight()
+    merged_weight = dora.merged_weight(layer, "default", weight)
+    assert merged_weight.dtype == torch.bfloat16
+    assert dora.unmerged_weight(layer, "default", merged_weight).dtype == torch.bfloat16
