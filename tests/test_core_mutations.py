@@ -1323,3 +1323,136 @@ def test_dora_merge_rules_return_the_weights_dtype():
     merged_weight = dora.merged_weight(layer, "default", weight)
     assert merged_weight.dtype == torch.bfloat16
     assert dora.unmerged_weight(layer, "default", merged_weight).dtype == torch.bfloat16
+
+
+# --- methods/lora/arithmetic.py: every refusal word for word, and the rules the sample found unpinned -----------
+def combinable(**second):
+    torch.manual_seed(0)
+    model = dt.get_peft_model(
+        nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 5)), dt.LoraConfig(r=2, target_modules=["0", "1"]), "a0"
+    )
+    model.add_adapter("a1", dt.LoraConfig(r=2, target_modules=["0", "1"], **second))
+    for layer in (model.get_base_model()[0], model.get_base_model()[1]):
+        with torch.no_grad():
+            for name in layer.lora_B:
+                nn.init.normal_(layer.lora_B[name].weight)
+    return model
+
+
+def combine_with(**options):
+    options = {"adapters": ["a0", "a1"], "weights": [1.0, 1.0], "adapter_name": "both", **options}
+    return combinable().add_weighted_adapter(**options)
+
+
+ARITHMETIC_REFUSALS = [
+    ({"adapters": []}, ConfigError, "adapters is empty; name the adapters to combine."),
+    ({"weights": [1.0]}, ConfigError, "Got 1 weights for 2 adapters; give one weight each."),
+    ({"weights": [1.0, math.inf]}, ConfigError, "weights must be finite numbers, got [1.0, inf]."),
+    (
+        {"adapters": ["a0", "a0"]},
+        ConfigError,
+        "adapters names an adapter twice (['a0', 'a0']); give each once with its weight.",
+    ),
+    (
+        {"adapters": ["a0", "zz"]},
+        dt.errors.AdapterNotFoundError,
+        "No adapter named 'zz'; this model has: a0, a1.",
+    ),
+    (
+        {"adapter_name": "a1"},
+        ConfigError,
+        "An adapter named 'a1' already exists; pick a new name for the combination.",
+    ),
+    (
+        {"combination_type": "mean"},
+        ConfigError,
+        "Unknown combination_type 'mean'; use one of: linear, ties, dare_linear, dare_ties, magnitude_prune, cat, svd, "
+        "ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd.",
+    ),
+    (
+        {"combination_type": "ties", "density": 1.5},
+        ConfigError,
+        "'ties' needs density, the fraction of entries kept, in (0, 1]; got 1.5.",
+    ),
+    (
+        {"combination_type": "linear", "density": 0.5},
+        ConfigError,
+        "density is used by the pruning kinds (ties, dare_linear, dare_ties, magnitude_prune and their _svd forms), "
+        "not 'linear'.",
+    ),
+    (
+        {"combination_type": "ties", "density": 0.5, "majority_sign_method": "most"},
+        ConfigError,
+        "majority_sign_method must be 'total' or 'frequency', got 'most'.",
+    ),
+    (
+        {"combination_type": "linear", "majority_sign_method": "frequency"},
+        ConfigError,
+        "majority_sign_method is used by the ties kinds only, not by 'linear'.",
+    ),
+    ({"svd_rank": 0}, ConfigError, "svd_rank must be a positive integer, got 0."),
+    ({"svd_clamp": 2.0}, ConfigError, "svd_clamp is a quantile in (0, 1], got 2.0."),
+    (
+        {"combination_type": "cat", "svd_rank": 2, "svd_full_matrices": False},
+        ConfigError,
+        "svd_rank, svd_full_matrices apply to the svd kinds only, not 'cat'.",
+    ),
+    (
+        {"svd_driver": "gesvd"},
+        ConfigError,
+        "svd_driver='gesvd' works on CUDA tensors only; leave it None on cpu.",
+    ),
+]
+
+
+@pytest.mark.parametrize("options, error, message", ARITHMETIC_REFUSALS)
+def test_each_combination_refusal_is_its_exact_sentence(options, error, message):
+    with pytest.raises(error) as raised:
+        combine_with(**options)
+    assert str(raised.value) == message
+
+
+def test_combination_refusals_of_sources_are_exact():
+    model = combinable(rank_pattern={"1": 1})
+    with pytest.raises(MergeError) as raised:
+        model.add_weighted_adapter(["a0", "a1"], [1.0, 1.0], "both", combination_type="linear")
+    assert str(raised.value) == (
+        "'linear' combines the factors entry by entry, but the adapters have different ranks in this layer "
+        "(rank_pattern); use 'cat' or an svd kind."
+    )
+    assert list(model.peft_config) == ["a0", "a1"]  # nothing was added
+    model.add_adapter("a2", dt.LoraConfig(r=3, target_modules=["0"]))
+    with pytest.raises(MergeError) as raised:
+        model.add_weighted_adapter(["a0", "a2"], [1.0, 1.0], "both", combination_type="linear")
+    assert str(raised.value) == (
+        "'linear' combines the factors entry by entry, so every adapter needs the same rank; got "
+        "{'a0': 2, 'a2': 3}. Use 'cat' or an svd kind."
+    )
+    with pytest.raises(MergeError) as raised:
+        arithmetic._layers_holding(model, ["nowhere"])
+    assert str(raised.value) == "No layer holds any of ['nowhere']."
+    model.add_adapter("d", dt.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    with pytest.raises(MergeError) as raised:
+        model.add_weighted_adapter(["a0", "d"], [1.0, 1.0], "both")
+    assert str(raised.value) == (
+        "Adapter 'd' is a DoRA adapter: its per-row magnitude rescales the whole weight, so it does not combine by "
+        "adding updates. Combine plain LoRA adapters, or merge DoRA ones into the weights."
+    )
+
+
+def test_one_adapter_with_an_svd_rank_is_truncated_not_copied():
+    """peft's one-adapter shortcut to `linear` is taken only when nothing would be dropped."""
+    model = combinable()
+    report = model.add_weighted_adapter(["a0"], [1.0], "low", combination_type="svd", svd_rank=1)
+    assert (report.combination_type, report.rank) == ("svd", 1)
+    report = model.add_weighted_adapter(["a0"], [1.0], "same", combination_type="svd")
+    assert (report.combination_type, report.rank) == ("linear", 2)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_combination_never_inherits_an_init_that_rewrites_the_base(init):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6))
+    model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["0"], init_lora_weights=init), "a0")
+    model.add_weighted_adapter(["a0"], [1.0], "copy", combination_type="linear")
+    assert model.peft_config["copy"].init_lora_weights is True
