@@ -206,7 +206,11 @@ def score(only_batch: int | None, batches: int, first_n: int | None = None) -> N
 
 
 def main() -> None:
+    global FROZEN
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--file", type=Path, default=FROZEN, help="the frozen draw (a later sample gets its own file)"
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("draw")
     d.add_argument("--seed", type=int, default=19)
@@ -222,6 +226,7 @@ def main() -> None:
     sc.add_argument("--batches", type=int, default=2)
     sc.add_argument("--first", type=int, default=None, help="score the first N of the run order alone")
     args = parser.parse_args()
+    FROZEN = args.file
     if args.cmd == "draw":
         draw(args.seed, args.size)
     elif args.cmd == "names":

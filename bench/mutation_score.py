@@ -27,6 +27,14 @@ EQUIVALENT: dict[str, str] = {
         'combine("LINEAR", ...) falls through to the weighted sum, which is what "linear" computes'
     ),
     "deltatune.methods.lora.dora.x_merged_weight__mutmut_5": "norm(p=None, dim=1) is the 2-norm over dim 1",
+    "deltatune.checkpoint.x_read_adapter_file__mutmut_18": 'load_file(device=None): its default device is "cpu"',
+    "deltatune.layer.x_at_least_float32__mutmut_3": "`<= 32`: .float() of a float32 tensor is that tensor",
+    "deltatune.checkpoint.x_write_adapter_file__mutmut_14": (
+        "the temporary file's name: renamed on success, removed on failure, never seen after the call"
+    ),
+    "deltatune.checkpoint.x_write_adapter_file__mutmut_15": (
+        "the temporary file's name: renamed on success, removed on failure, never seen after the call"
+    ),
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped"}

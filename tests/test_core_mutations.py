@@ -1456,3 +1456,57 @@ def test_a_combination_never_inherits_an_init_that_rewrites_the_base(init):
     model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["0"], init_lora_weights=init), "a0")
     model.add_weighted_adapter(["a0"], [1.0], "copy", combination_type="linear")
     assert model.peft_config["copy"].init_lora_weights is True
+
+
+def test_a_hand_built_4bit_layer_still_passes_gradients_after_an_eval_pass():
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first no-grad eval call (on CPUs
+    with AVX512-BF16, such as this project's), after which no gradient reaches the layer's input. Wrapping the layer
+    must prevent that even when deltatune did not quantize it (see deltatune.quant.keep_standard_layout)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see test_quant.one_torch_thread
+    try:
+        torch.manual_seed(0)
+        quantized = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+        weight = nn.Linear(64, 64, bias=False).weight.data
+        quantized.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+        model = dt.get_peft_model(
+            nn.Sequential(nn.Linear(64, 64), quantized.to("cpu")),
+            dt.LoraConfig(r=2, target_modules=["0", "1"]),
+        )
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(2, 64))
+        model.train()
+        x = torch.randn(2, 64, requires_grad=True)
+        model(x).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dora_and_plain_adapters_together_keep_the_bases_dtype():
+    torch.manual_seed(0)
+    model = dt.get_peft_model(
+        nn.Sequential(nn.Linear(6, 5)).to(torch.bfloat16),
+        dt.LoraConfig(r=2, target_modules=["0"], use_dora=True),
+        adapter_name="d",
+    )
+    model.add_adapter("p", dt.LoraConfig(r=2, target_modules=["0"]))
+    model.set_adapter(["d", "p"])
+    layer = model.get_base_model()[0]
+    with torch.no_grad():
+        for name in ("d", "p"):
+            nn.init.normal_(layer.lora_B[name].weight)
+    assert layer(torch.randn(3, 6, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_a_named_forward_passes_its_positional_inputs_by_name():
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM"))
+    randomize_adapter(model)
+    forward = model_module._named_forward("input_ids", "attention_mask", "labels")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = forward(model, ids, None, ids)
+    expected = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, expected.logits)
+    torch.testing.assert_close(out.loss, expected.loss)
