@@ -27,6 +27,9 @@ EQUIVALENT: dict[str, str] = {
         'combine("LINEAR", ...) falls through to the weighted sum, which is what "linear" computes'
     ),
     "deltatune.methods.lora.dora.x_merged_weight__mutmut_5": "norm(p=None, dim=1) is the 2-norm over dim 1",
+    "deltatune.methods.lora.arithmetic.x_keep_largest__mutmut_1": (
+        "`density > 1`: at density 1, topk of every entry keeps them all, which is the early return's result"
+    ),
     "deltatune.checkpoint.x_read_adapter_file__mutmut_18": 'load_file(device=None): its default device is "cpu"',
     "deltatune.layer.x_at_least_float32__mutmut_3": "`<= 32`: .float() of a float32 tensor is that tensor",
     "deltatune.checkpoint.x_write_adapter_file__mutmut_14": (

@@ -11,30 +11,16 @@ rule for module-wrapping methods (`layer_entries`) and the file I/O, and knows n
 from __future__ import annotations
 
 import os
-import sys
-import warnings
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.errors import CheckpointError
+from deltatune.errors import CheckpointError, warn_at_caller
 from deltatune.hub import resolve_adapter_file
 from deltatune.inject import outer_modules
 from deltatune.layer import AdapterLayer, ModulesToSave
-
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def outside_deltatune() -> int:
-    """The `stacklevel` that points a warning at the user's call (from_pretrained, load_adapter, ...), however
-    many deltatune frames lie between it and the function that warns."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    return level
-
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -238,7 +224,7 @@ def copy_into(
                 message + ". Every output would be NaN; retrain or re-download the adapter "
                 "(or pass allow_nonfinite=True to load it anyway)."
             )
-        warnings.warn(message + "; loaded anyway (allow_nonfinite=True).", stacklevel=outside_deltatune())
+        warn_at_caller(message + "; loaded anyway (allow_nonfinite=True).")
     converted = {k: t.to(dtype=targets[k].dtype, device=targets[k].device) for k, t in state.items()}
     with torch.no_grad():
         for key, tensor in converted.items():

@@ -8,6 +8,12 @@ expects (`ValueError`, `TypeError`, `KeyError`), so `except ValueError` keeps wo
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
 
 class DeltatuneError(Exception):
     """Base of every error deltatune raises on purpose; the message says what is wrong and how to fix it."""
@@ -42,3 +48,13 @@ class UnsupportedModelError(DeltatuneError, TypeError):
 
 class RunError(DeltatuneError, RuntimeError):
     """A training run cannot start or continue as asked (e.g. its output folder holds another run)."""
+
+
+def warn_at_caller(message: str) -> None:
+    """A UserWarning pointed at the user's line (`from_pretrained(...)`, `set_adapter(...)`), however many
+    deltatune frames lie between it and here: a fixed `stacklevel` points inside the library whenever the path
+    through it changes."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)

@@ -11,7 +11,6 @@ import inspect
 import json
 import os
 import tempfile
-import warnings
 from contextlib import contextmanager, nullcontext
 from importlib.metadata import version as package_version
 from typing import Any
@@ -21,7 +20,13 @@ from torch import nn
 
 from deltatune import checkpoint, hub, status
 from deltatune.config import PeftConfig, check_fields
-from deltatune.errors import AdapterNotFoundError, ConfigError, MergeError, UnsupportedModelError
+from deltatune.errors import (
+    AdapterNotFoundError,
+    ConfigError,
+    MergeError,
+    UnsupportedModelError,
+    warn_at_caller,
+)
 from deltatune.inject import candidate_modules, find_targets, outer_modules, replace_module
 from deltatune.layer import AdapterLayer, ModulesToSave, unchanged_on_error
 from deltatune.method import Method
@@ -329,7 +334,7 @@ class PeftModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_known(names)
         if any(isinstance(m, AdapterLayer) and m.merged for m in self.get_base_model().modules()):
-            warnings.warn("Adapters are merged into the weights; unmerging before switching.", stacklevel=2)
+            warn_at_caller("Adapters are merged into the weights; unmerging before switching.")
             self.unmerge_adapter()
         for layer in self.adapter_layers():
             layer.set_adapter(names)

@@ -1158,6 +1158,7 @@ def test_switching_adapters_while_merged_warns_and_unmerges():
     assert [str(w.message) for w in caught] == [
         "Adapters are merged into the weights; unmerging before switching."
     ]
+    assert caught[0].filename == __file__  # the user's line, not deltatune's
     assert not any(isinstance(m, AdapterLayer) and m.merged for m in model.modules())
 
 
@@ -1510,3 +1511,21 @@ def test_a_named_forward_passes_its_positional_inputs_by_name():
     expected = model(input_ids=ids, labels=ids)
     torch.testing.assert_close(out.logits, expected.logits)
     torch.testing.assert_close(out.loss, expected.loss)
+
+
+def test_one_adapter_at_full_density_takes_peft_s_linear_shortcut():
+    report = combinable().add_weighted_adapter(["a0"], [1.0], "copy", combination_type="ties", density=1.0)
+    assert (report.adapter_name, report.combination_type, report.rank) == ("copy", "linear", 2)
+
+
+def test_svd_clamp_caps_both_factors_at_the_quantile():
+    torch.manual_seed(0)
+    update = 0.01 * torch.randn(8, 6)
+    u, s, vh = torch.linalg.svd(update, full_matrices=True)
+    b, a = u[:, :2] * s[:2], vh[:2]
+    high = torch.quantile(torch.cat([b.flatten(), a.flatten()]), 0.9)
+    assert a.abs().max() > high and b.abs().max() < high  # the cap bites A here
+    clamped_a, clamped_b = arithmetic.truncated_svd(update, 2, 0.9, True, None)
+    torch.testing.assert_close(clamped_a, a.clamp(-high, high))
+    torch.testing.assert_close(clamped_b, b.clamp(-high, high))
+    assert clamped_a.abs().max() == high
