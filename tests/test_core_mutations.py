@@ -1158,7 +1158,6 @@ def test_switching_adapters_while_merged_warns_and_unmerges():
     assert [str(w.message) for w in caught] == [
         "Adapters are merged into the weights; unmerging before switching."
     ]
-    assert caught[0].filename == __file__  # the user's line, not deltatune's
     assert not any(isinstance(m, AdapterLayer) and m.merged for m in model.modules())
 
 
@@ -1529,3 +1528,11 @@ def test_svd_clamp_caps_both_factors_at_the_quantile():
     torch.testing.assert_close(clamped_a, a.clamp(-high, high))
     torch.testing.assert_close(clamped_b, b.clamp(-high, high))
     assert clamped_a.abs().max() == high
+
+
+def test_the_switching_while_merged_warning_points_at_the_users_call():
+    model = lora_on_linear(2)
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="unmerging before switching") as caught:
+        model.set_adapter("a1")
+    assert caught[0].filename == __file__  # the user's line, not deltatune's
