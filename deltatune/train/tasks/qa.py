@@ -213,7 +213,6 @@ class QuestionAnsweringTask(Task):
 
     # --- decoding --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    @torch.no_grad()
     def candidates(self, model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int):
         """Per example (in order): (best span or None, no-answer score), a span being (text, score, start char,
         end char); and the mean loss when the features carry gold positions."""
