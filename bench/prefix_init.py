@@ -28,7 +28,7 @@ from deltatune.apps.bench.methods import typical_lr  # noqa: E402
 from deltatune.apps.bench.run import RunSpec, cached_run, loadavg  # noqa: E402
 from deltatune.apps.bench.tasks import load_tables, majority_baseline  # noqa: E402
 
-INITS = {"random (N(0,1), peft's)": {}, "zero": {"init_weights": "zero"}}
+INITS = {"random (N(0,1), peft's)": {"init_weights": None}, "zero": {"init_weights": "zero"}}
 
 
 def init_shift(method: str, model: str = "all-minilm-l6-v2") -> dict[str, float]:

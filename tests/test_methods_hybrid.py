@@ -249,3 +249,19 @@ def test_trains_through_the_cli(method, tmp_path):
     config = json.load(open(tmp_path / "run" / "adapter_config.json"))
     assert config["peft_type"] == {"ptuning-v2": "PREFIX_TUNING"}.get(method, method.upper())
     assert config["task_type"] == "SEQ_CLS"
+
+
+@pytest.mark.parametrize("kind", ["mam", "unipelt"])
+def test_prefixes_start_at_zero_unless_asked_for_random(kind):
+    """Random prefixes collapse some seeds of a classifier (bench/results/scale/prefix_init.md); plain prefix
+    tuning keeps peft's N(0, 1)."""
+    zero = wrapped(kind, tiny_bert_cls, "SEQ_CLS").prompt_encoder["default"].embedding.weight
+    assert torch.count_nonzero(zero) == 0
+    random = (
+        wrapped(kind, tiny_bert_cls, "SEQ_CLS", init_weights=None).prompt_encoder["default"].embedding.weight
+    )
+    assert random.std() > 0.5
+    plain = dt.get_peft_model(
+        tiny_bert_cls(), dt.PrefixTuningConfig(num_virtual_tokens=N, task_type="SEQ_CLS")
+    )
+    assert plain.prompt_encoder["default"].embedding.weight.std() > 0.5

@@ -22,7 +22,7 @@ from typing import Any
 
 from deltatune.apps.bench.tasks import BenchTask
 
-RUN_VERSION = 1  # bump when a change to the benchmark makes cached runs stale
+RUN_VERSION = 2  # bump when a change to the benchmark makes cached runs stale (2: MAM/UniPELT zero prefixes)
 
 
 @dataclasses.dataclass(frozen=True)
