@@ -22,7 +22,8 @@ from typing import Any
 
 from deltatune.apps.bench.tasks import BenchTask
 
-RUN_VERSION = 2  # bump when a change to the benchmark makes cached runs stale (2: MAM/UniPELT zero prefixes)
+RUN_VERSION = 3  # bump when a change to the benchmark makes cached runs stale
+# (2: MAM/UniPELT zero prefixes; 3: the fresh head is initialised under the run's seed, so a run is reproducible)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,9 @@ def execute(spec: RunSpec) -> dict[str, Any]:
         generate_samples=max(len(tables["validation"]), len(tables["dev"])),
     )
     labels = fit_labels(run, tables["train"]) if t.trainer_task == "seq-cls" else None
+    seed_everything(
+        spec.seed
+    )  # a fresh task head is initialised while loading: the seed decides it, as in train
     model, tokenizer = load_base(run, labels)  # quantized when the variant says so (qlora)
     base_params = sum(p.numel() for p in model.parameters())
     base_ids = {id(p) for p in model.parameters()}
