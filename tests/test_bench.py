@@ -178,3 +178,32 @@ def test_the_base_and_its_fresh_head_are_built_under_the_runs_seed(tiny, monkeyp
         result = _bench(tiny, str(tiny["root"] / f"seeded{attempt}"), *args)
         assert result.exit_code == 0, result.output
     assert len(states) == 2 and torch.equal(states[0], states[1])
+
+
+def test_a_wide_spread_over_seeds_is_explained_by_the_training_losses():
+    from deltatune.apps.bench.report import _note
+    from deltatune.apps.bench.run import loss_ends
+
+    assert loss_ends([0.9] * 10 + [0.5] * 10) == {"train_loss_start": 0.9, "train_loss_end": 0.5}
+    assert loss_ends([]) == {"train_loss_start": None, "train_loss_end": None}
+
+    def run(seed, score, start, end):
+        return {
+            "seed": seed,
+            "status": "ok",
+            "dev_score": score,
+            "train_loss_start": start,
+            "train_loss_end": end,
+        }
+
+    majority = {"score": 0.5}
+    stuck = [run(0, 0.80, 0.70, 0.30), run(1, 0.51, 0.70, 0.66)]  # seed 1 fell 0.04 against 0.40
+    note = _note(stuck, [0.80, 0.51], majority)
+    assert "seed(s) 1 stayed at the majority class" in note
+    assert "seed 1's training loss fell 0.04 against 0.40 for seed 0" in note and "not converged" in note
+    alike = [run(0, 0.80, 0.70, 0.30), run(1, 0.70, 0.70, 0.32)]  # both fell ~0.4
+    note = _note(alike, [0.80, 0.70], majority)
+    assert "seeds disagree" in note and "fell alike (0.40, 0.38)" in note and "generalise" in note
+    assert _note(alike[:1] + [run(1, 0.79, 0.7, 0.3)], [0.80, 0.79], majority) == ""  # std <= 0.03: no note
+    without_losses = [{**r, "train_loss_end": None} for r in stuck]
+    assert _note(without_losses, [0.80, 0.51], majority).endswith("(0: 0.800, 1: 0.510)")

@@ -57,19 +57,47 @@ def _note(runs: list[dict[str, Any]], scores: list[float], baseline: dict[str, A
     if missing:
         notes.append("; ".join(missing))
     if len(scores) > 1 and statistics.stdev(scores) > STD_LIMIT:
-        collapsed = [
-            r["seed"]
-            for r in runs
-            if r["status"] == "ok" and r["dev_score"] <= baseline["score"] + COLLAPSE_MARGIN
-        ]
-        per_seed = ", ".join(f"{r['seed']}: {r['dev_score']:.3f}" for r in runs if r["status"] == "ok")
+        ok = [r for r in runs if r["status"] == "ok"]
+        collapsed = [r["seed"] for r in ok if r["dev_score"] <= baseline["score"] + COLLAPSE_MARGIN]
         why = (
             f"seed(s) {', '.join(map(str, collapsed))} stayed at the majority class"
             if collapsed
             else "seeds disagree"
         )
-        notes.append(f"std > {STD_LIMIT}: {why} ({per_seed})")
+        per_seed = ", ".join(_seed_text(r) for r in ok)
+        notes.append(f"std > {STD_LIMIT}: {why} ({per_seed}){_cause(ok)}")
     return "; ".join(notes)
+
+
+def _seed_text(r: dict[str, Any]) -> str:
+    text = f"{r['seed']}: {r['dev_score']:.3f}"
+    if r.get("train_loss_end") is not None:
+        text += f", train loss {r['train_loss_start']:.2f} to {r['train_loss_end']:.2f}"
+    return text
+
+
+def _cause(runs: list[dict[str, Any]]) -> str:
+    """Why the seeds differ, from their training losses: did the worst seed train less than the best one?
+
+    A seed whose loss fell less than half as far as the best seed's did not converge within the budget (more
+    steps or a better learning rate would help); seeds whose losses fell alike differ in how well a few hundred
+    steps generalise, which more seeds average out, not more steps."""
+    if len(runs) < 2 or any(r.get("train_loss_end") is None for r in runs):
+        return ""
+    worst, best = min(runs, key=lambda r: r["dev_score"]), max(runs, key=lambda r: r["dev_score"])
+
+    def fall(r: dict[str, Any]) -> float:
+        return r["train_loss_start"] - r["train_loss_end"]
+
+    if fall(worst) < 0.5 * fall(best):
+        return (
+            f": seed {worst['seed']}'s training loss fell {fall(worst):.2f} against {fall(best):.2f} for seed "
+            f"{best['seed']}, so it had not converged when the budget ended"
+        )
+    return (
+        f": every seed's training loss fell alike ({', '.join(f'{fall(r):.2f}' for r in runs)}), so the spread "
+        "is in how the few training steps generalise, not in training that failed"
+    )
 
 
 def cell_line(cell, baseline: dict[str, Any]) -> str:

@@ -93,6 +93,19 @@ def _stored(adapter_dir: str) -> tuple[int, int]:
     return elements, size
 
 
+def loss_ends(losses: list[float]) -> dict[str, float | None]:
+    """Mean training loss over the first and the last tenth of the steps: whether a run left its starting point
+    (a seed that ends where it began did not train within the budget; one that trained like the others but scores
+    lower generalises worse)."""
+    if not losses:
+        return {"train_loss_start": None, "train_loss_end": None}
+    tenth = max(1, len(losses) // 10)
+    return {
+        "train_loss_start": statistics.fmean(losses[:tenth]),
+        "train_loss_end": statistics.fmean(losses[-tenth:]),
+    }
+
+
 def execute(spec: RunSpec) -> dict[str, Any]:
     """Train and measure one run in this process."""
     import torch
@@ -134,6 +147,12 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     peft_model = get_peft_model(model, config)
     added = sum(p.numel() for p in peft_model.parameters() if id(p) not in base_ids)
     marks: list[tuple[float, int]] = []
+    losses: list[float] = []
+
+    def on_step(_trainer: Trainer, record: dict[str, Any]) -> None:
+        marks.append((time.perf_counter(), task.tokens))
+        losses.append(float(record["loss"]))
+
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(
             output_dir=out,
@@ -156,7 +175,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
             features["train"],
             None,
             cfg,
-            callbacks=[lambda _t, _r: marks.append((time.perf_counter(), task.tokens))],
+            callbacks=[on_step],
         )
         start = (time.perf_counter(), 0)
         summary = trainer.train()
@@ -192,6 +211,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
         "median_step_s": statistics.median(times[timed]),
         "tokens_per_s": sum(tokens[timed]) / max(1e-9, sum(times[timed])),
         "train_tokens": task.tokens,
+        **loss_ends(losses),
         "steps": summary["steps"],
         "wall_s": time.time() - started,
         "loadavg": [load_start, loadavg()],
