@@ -77,11 +77,12 @@ def _seed_text(r: dict[str, Any]) -> str:
 
 
 def _cause(runs: list[dict[str, Any]]) -> str:
-    """Why the seeds differ, from their training losses: did the worst seed train less than the best one?
+    """Why the seeds differ, from their training losses (mean of the first and the last tenth of the steps).
 
-    A seed whose loss fell less than half as far as the best seed's did not converge within the budget (more
-    steps or a better learning rate would help); seeds whose losses fell alike differ in how well a few hundred
-    steps generalise, which more seeds average out, not more steps."""
+    - The worst seed's loss fell less than half as far as the best seed's: it had not converged when the budget
+      ended (more steps or another learning rate would help).
+    - Every seed trained, and the worst one ended with the highest loss: they converge at different speeds.
+    - Every seed trained alike: the spread is in how the few steps generalise, which more seeds average out."""
     if len(runs) < 2 or any(r.get("train_loss_end") is None for r in runs):
         return ""
     worst, best = min(runs, key=lambda r: r["dev_score"]), max(runs, key=lambda r: r["dev_score"])
@@ -89,14 +90,20 @@ def _cause(runs: list[dict[str, Any]]) -> str:
     def fall(r: dict[str, Any]) -> float:
         return r["train_loss_start"] - r["train_loss_end"]
 
+    falls = ", ".join(f"{fall(r):.2f}" for r in runs)
     if fall(worst) < 0.5 * fall(best):
         return (
             f": seed {worst['seed']}'s training loss fell {fall(worst):.2f} against {fall(best):.2f} for seed "
             f"{best['seed']}, so it had not converged when the budget ended"
         )
+    if worst["train_loss_end"] == max(r["train_loss_end"] for r in runs):
+        return (
+            f": every seed trained (training loss fell {falls}), but seed {worst['seed']} ended with the highest "
+            f"loss ({worst['train_loss_end']:.2f}): the seeds converge at different speeds within this budget"
+        )
     return (
-        f": every seed's training loss fell alike ({', '.join(f'{fall(r):.2f}' for r in runs)}), so the spread "
-        "is in how the few training steps generalise, not in training that failed"
+        f": every seed's training loss fell alike ({falls}), so the spread is in how the few training steps "
+        "generalise, not in training that failed"
     )
 
 
