@@ -132,9 +132,8 @@ def execute(spec: RunSpec) -> dict[str, Any]:
         generate_samples=max(len(tables["validation"]), len(tables["dev"])),
     )
     labels = fit_labels(run, tables["train"]) if t.trainer_task == "seq-cls" else None
-    seed_everything(
-        spec.seed
-    )  # a fresh task head is initialised while loading: the seed decides it, as in train
+    # a fresh task head is initialised while loading: the seed decides it, as in train
+    seed_everything(spec.seed)
     model, tokenizer = load_base(run, labels)  # quantized when the variant says so (qlora)
     base_params = sum(p.numel() for p in model.parameters())
     base_ids = {id(p) for p in model.parameters()}
