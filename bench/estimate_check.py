@@ -23,13 +23,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def one(model_name: str, method: str, batch: int, seq: int) -> dict:
+def one(model_name: str, method: str, batch: int, seq: int, dtype: str = "float32") -> dict:
     import deltatune as dt
     from deltatune.models import load_model_and_tokenizer
     from deltatune.train.memory import estimate_training_memory, load_config, measure_training_peak
     from deltatune.train.recipe import RunConfig, make_peft_config
 
-    model, _ = load_model_and_tokenizer(model_name, task="causal-lm", dtype=torch.float32)
+    model, _ = load_model_and_tokenizer(model_name, task="causal-lm", dtype=getattr(torch, dtype))
     peft_model = dt.get_peft_model(model, make_peft_config(RunConfig(task="causal-lm", method=method), {}))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
@@ -41,11 +41,11 @@ def one(model_name: str, method: str, batch: int, seq: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     measured = measure_training_peak(peft_model, step)["peak"]
-    estimate = estimate_training_memory(load_config(model_name), method, batch, seq, "float32")
+    estimate = estimate_training_memory(load_config(model_name), method, batch, seq, dtype)
     return {"model": model_name, "method": method, "measured_bytes": measured, **estimate.as_dict()}
 
 
-SHAPES = ("llama-1b", "llama-8b", "llama-70b")
+SHAPES = ("llama-1b", "llama-3b", "llama-8b", "llama-70b")
 SHAPE_METHODS = ("full", "lora", "qlora", "prompt_tuning")
 
 
@@ -75,10 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="lora,prompt_tuning")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = [one(m, k, args.batch, args.seq) for m in args.models.split(",") for k in args.methods.split(",")]
+    rows = [
+        one(m, k, args.batch, args.seq, args.dtype)
+        for m in args.models.split(",")
+        for k in args.methods.split(",")
+    ]
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python bench/estimate_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -87,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "estimate_check.json"), "w") as fh:
+    name = "estimate_check" if args.dtype == "float32" else f"estimate_check_{args.dtype}"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     lines = [
         "# `deltatune estimate` vs measured peak, real checkpoints",
         "",
-        f"{report['date']}; `{report['command']}`; batch {args.batch} x {args.seq} tokens, float32, AdamW "
+        f"{report['date']}; `{report['command']}`; batch {args.batch} x {args.seq} tokens, {args.dtype}, AdamW "
         "(foreach). Measured: exact bytes of every tensor allocated in two training steps.",
         "",
         "| model | method | measured MiB | estimate MiB | estimate / measured | weights | gradients | optimizer | "
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['optimizer'] / mib:.1f} | {r['activations'] / mib:.0f} |"
         )
     lines += ["", *shape_table(1, 2048)]
-    with open(os.path.join(args.out, "estimate_check.md"), "w") as fh:
+    with open(os.path.join(args.out, f"{name}.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check of deltatune in one call, for a lent GPU machine (one H100/H200: about 3 to 4 minutes; hard cap
-# 290 s). Each check runs under its own time limit; a failure does not stop the others; a summary comes last.
+# Every GPU check of deltatune in one call, for a lent GPU machine (one H100/H200: about 4 to 5 minutes; hard cap
+# 400 s). Each check runs under its own time limit; a failure does not stop the others; a summary comes last.
 #   env          versions, GPUs, bitsandbytes
 #   imports      deltatune, its trainer, FSDP2 and DCP glue, packing import with this torch/transformers; a GPU is seen
+#   estimate_gpu bench/estimate_gpu.py: `deltatune estimate` against torch.cuda.max_memory_allocated on random-weight
+#                Llama 3 shapes (1B: full, LoRA, QLoRA, prompt tuning; 8B: LoRA, QLoRA), bf16, batch 1 x 2048.
 #   pytest_cuda  pytest -m cuda tests/test_cuda.py: bf16 autocast, NF4 QLoRA, paged AdamW, strategy: fsdp (bf16
 #                mixed precision + gradient checkpointing, CPU offload, QLoRA) as a one-process NCCL group, packing
 #                with SDPA, accelerate's FSDP2 plugin driving transformers' Trainer. With 2 or more GPUs it also runs
@@ -14,7 +16,7 @@
 # Needs python (or $PYTHON) with torch, transformers, peft, accelerate, pytest, safetensors, PyYAML; bitsandbytes for
 # the QLoRA checks (found through $PYTHONPATH, which is kept). No datasets, typer, rich, matplotlib or network. Run
 # it from the repository root (not pip-installed: "." goes on PYTHONPATH). Results: $OUT (default bench/results/gpu):
-# summary.txt, <check>.log (env.log: versions), pytest.xml, gpu_sft.{json,md}.
+# summary.txt, <check>.log (env.log: versions), pytest.xml, estimate_gpu.{json,md}, gpu_sft.{json,md}.
 #
 #   OUT=/tmp/gpu PYTHONPATH=/tmp/site bash bench/gpu_check.sh      # on the GPU machine
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh --dry-run     # on a CPU box: the same steps, tiny sizes, the
@@ -31,10 +33,10 @@ OUT=${OUT:-$ROOT/bench/results/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the checks run from the repository root
 cd "$ROOT"
 PY=${PYTHON:-python3}
-BUDGET=290  # seconds for everything
+BUDGET=400  # seconds for everything
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_WAIT_POLICY=PASSIVE  # bitsandbytes' CPU threads and torch's otherwise starve each other
-rm -f "$OUT"/{env,imports,pytest_cuda,gpu_sft}.log "$OUT"/pytest.xml "$OUT"/gpu_sft.json "$OUT"/gpu_sft.md  # nothing left from an earlier run
+rm -f "$OUT"/{env,imports,estimate_gpu,pytest_cuda,gpu_sft}.log "$OUT"/pytest.xml "$OUT"/{estimate_gpu,gpu_sft}.{json,md}  # nothing left from an earlier run
 : > "$OUT/summary.txt"
 failed=0
 
@@ -86,6 +88,14 @@ EOF
     "$PY" bench/gpu_sft.py --help > /dev/null && echo "bench/gpu_sft.py parses"
 }
 
+estimate_gpu() {
+    if [ -n "$DRY" ]; then
+        "$PY" bench/estimate_gpu.py --tiny --out "$OUT"
+    else
+        "$PY" bench/estimate_gpu.py --out "$OUT"
+    fi
+}
+
 pytest_cuda() {
     "$PY" -m pytest -m cuda tests/test_cuda.py -v -rA -p no:cacheprovider --junitxml "$OUT/pytest.xml"
 }
@@ -101,12 +111,13 @@ gpu_sft() {
 }
 
 export PY OUT DRY
-export -f env_info imports pytest_cuda gpu_sft
+export -f env_info imports estimate_gpu pytest_cuda gpu_sft
 
 check env 45 env_info
 check imports 60 imports
+check estimate_gpu 120 estimate_gpu
 check pytest_cuda 130 pytest_cuda
-check gpu_sft 170 gpu_sft
+check gpu_sft 150 gpu_sft
 
 # pytest's own tally, with each skip's reason (a skipped GPU test is not a passed one)
 if [ -f "$OUT/pytest.xml" ]; then
@@ -121,6 +132,7 @@ for case in cases:
     print(f"      {outcome:8} {case.get('name')} {case.get('time')} s {reason[:150]}")
 EOF
 fi
+[ -f "$OUT/estimate_gpu.md" ] && cat "$OUT/estimate_gpu.md" >> "$OUT/summary.txt"
 [ -f "$OUT/gpu_sft.md" ] && cat "$OUT/gpu_sft.md" >> "$OUT/summary.txt"
 echo "total $SECONDS s; $failed check(s) failed${DRY:+ (dry run: tiny sizes, GPU tests skipped)}" >> "$OUT/summary.txt"
 echo "================ summary ($OUT/summary.txt)"

@@ -12,7 +12,6 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager, nullcontext
-from importlib.metadata import version as package_version
 from typing import Any
 
 import torch
@@ -590,7 +589,7 @@ class PeftModel(nn.Module):
             tags=tags,
             pipeline_tag="text-generation" if isinstance(self, PeftModelForCausalLM) else None,
             auto_class=AUTO_CLASS_NAMES.get(config.task_type, "AutoPeftModel"),
-            version_line=f"- deltatune {package_version('deltatune')}",
+            version_line=f"- deltatune {_deltatune_version()}",
             location=location or output_dir,
         )
 
@@ -707,6 +706,14 @@ class PeftModel(nn.Module):
                 "base_model." + n for n in names
             }  # soft prompts
         checkpoint.copy_into(entries, state, loadable, base_names, allow_nonfinite)
+
+
+def _deltatune_version() -> str:
+    """The version for the model card, from the package itself: a source checkout on PYTHONPATH (a GPU box, a
+    cluster job) has no installed metadata, and saving a trained adapter must not fail over a card line."""
+    import deltatune
+
+    return deltatune.__version__
 
 
 def _named_forward(*names: str):

@@ -754,3 +754,22 @@ def test_mixed_true_is_refused_and_leaves_the_model_unchanged():
     assert not any(isinstance(m, Wrapper) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not hasattr(dt, "PeftMixedModel")
+
+
+def test_save_pretrained_works_from_a_source_checkout_without_package_metadata(monkeypatch, tmp_path):
+    """A GPU box or cluster job often runs deltatune from a checkout on PYTHONPATH, with no installed metadata;
+    saving the trained adapter must not fail over the model card's version line (it once raised there)."""
+    import importlib.metadata
+    import re
+
+    def no_metadata(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_metadata)
+    monkeypatch.setattr(importlib.metadata, "distribution", no_metadata)
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM", r=4))
+    model.save_pretrained(tmp_path)
+    pyproject = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert dt.__version__ == re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert f"- deltatune {dt.__version__}" in (tmp_path / "README.md").read_text()
+    assert (tmp_path / "adapter_model.safetensors").is_file()

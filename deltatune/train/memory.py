@@ -114,7 +114,7 @@ def _tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 # --- estimating --------------------------------------------------------------------------------------------------
-# Llama 3 shapes (Llama-3.2-1B, Llama-3.1-8B, Llama-3.1-70B), for `deltatune estimate --model llama-8b`.
+# Llama 3 shapes (Llama-3.2-1B and 3B, Llama-3.1-8B and 70B), for `deltatune estimate --model llama-8b`.
 LLAMA_SHAPES = {
     "llama-1b": {
         "hidden_size": 2048,
@@ -123,6 +123,15 @@ LLAMA_SHAPES = {
         "num_attention_heads": 32,
         "num_key_value_heads": 8,
         "head_dim": 64,
+        "tie_word_embeddings": True,
+    },
+    "llama-3b": {
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
         "tie_word_embeddings": True,
     },
     "llama-8b": {
@@ -178,8 +187,9 @@ def _linear_in_blocks(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
 
 
-# Floats per token that autograd keeps, per decoder layer, by what trains (fitted on `measure_training_peak` over 14
-# tiny Llama shapes each, max error 2%; see docs/method-selection.md): h hidden size, kv key/value width, i MLP width.
+# Floats per token that autograd keeps, per decoder layer, by what trains, in a float32 model (fitted on
+# `measure_training_peak` over 14 tiny Llama shapes each, max error 2%; see docs/method-selection.md): h hidden size,
+# kv key/value width, i MLP width.
 LAYER_FLOATS = {
     "frozen": {
         "h": 4.07,
@@ -194,27 +204,72 @@ LAYER_FLOATS = {
 NORM_FLOATS = 4  # of the h term: the two RMSNorms compute in float32 whatever the model's dtype
 LOGIT_FLOATS = 4  # per token and vocabulary entry, in float32: logits, log-softmax, and their two gradients
 
+# Bytes per token per decoder layer in a half-precision (bfloat16/float16) model, measured with
+# `bench/estimate_probe.py` on an H100 (SDPA attention) at the Llama 3 1B, 8B and 70B widths, as the difference
+# between 2 and 1 layers; the CPU keeps the same bytes. The mix differs from float32: the norms keep float32 inputs
+# (8h of the 11.8h), and the tiny-model fits above underestimated real widths by up to 50% in half precision.
+HALF_LAYER_BYTES = {
+    "frozen": {"h": 11.8, "kv": 2.2, "i": 6.2},
+    "full": {"h": 19.8, "kv": 4.0, "i": 8.1},
+    "ia3": {"h": 15.9, "kv": 8.0, "i": 14.0},
+}
+# LoRA in a half-precision model: its float32 adapters see each adapted layer's input cast to float32, and that
+# copy is what autograd keeps (one per adapted layer: q, k and v cast the same input three times), with the r-wide
+# product. So a LoRA layer keeps the frozen bytes plus 4 x (in_features + r) per adapted linear layer.
+ADAPTER_INPUT_BYTES = 4
+# Half precision at the start of backward: the float32 log-softmax and two float32 gradients of the logits per
+# token and vocabulary entry (measured 12.0-12.3), and the final norm's float32 input (4h).
+HALF_LOGIT_BYTES = 12
+
 
 def activation_bytes(
-    config: Any, batch_size: int, seq_len: int, dtype_bytes: int, kind: str = "frozen", lora_rank: int = 8
+    config: Any,
+    batch_size: int,
+    seq_len: int,
+    dtype_bytes: int,
+    kind: str = "frozen",
+    lora_rank: int = 8,
+    adapted_inputs: int | None = None,
 ) -> int:
     """What autograd keeps for the backward pass of a Llama-style decoder, in bytes, from the shapes alone.
 
     `kind` is what trains: "frozen" (the base is frozen; only new inputs or scales train), "lora" (low-rank updates
-    on every linear layer) or "full". The layer terms are in the model's dtype; the loss works on float32 logits
-    (transformers upcasts them), and a half-precision model keeps its own logits besides."""
+    on linear layers), "ia3" or "full". `adapted_inputs`: for "lora", the summed in_features + r of the adapted
+    linear layers of one decoder layer (default: every linear layer, as `target_modules="all-linear"`). The layer
+    terms are in the model's dtype; the loss works on float32 logits (transformers upcasts them)."""
     h = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    c = LAYER_FLOATS[kind]
-    per_layer = (c["h"] - NORM_FLOATS) * h + c["kv"] * kv * head_dim + c["i"] * config.intermediate_size
-    if kind == "lora":
-        per_layer += 7 * (lora_rank - 8)  # seven adapted projections, each keeping an r-wide intermediate
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    i = config.intermediate_size
     tokens = batch_size * seq_len
-    layers = config.num_hidden_layers * tokens * (per_layer * dtype_bytes + NORM_FLOATS * h * 4)
-    logits = tokens * config.vocab_size * (LOGIT_FLOATS * 4 + (dtype_bytes if dtype_bytes != 4 else 0))
-    return int(layers + logits)
+    if dtype_bytes == 4:
+        c = LAYER_FLOATS[kind]
+        per_layer = (c["h"] - NORM_FLOATS) * h + c["kv"] * kv + c["i"] * i
+        if kind == "lora":
+            per_layer += 7 * (lora_rank - 8)  # seven adapted projections, each keeping an r-wide intermediate
+        layer_bytes = per_layer * 4 + NORM_FLOATS * h * 4
+        logit_bytes = config.vocab_size * LOGIT_FLOATS * 4
+    else:
+        c = HALF_LAYER_BYTES["frozen" if kind == "lora" else kind]
+        layer_bytes = c["h"] * h + c["kv"] * kv + c["i"] * i
+        if kind == "lora":
+            if adapted_inputs is None:
+                adapted_inputs = 6 * h + i + 7 * lora_rank  # q, k, v, o, gate, up read h; down reads i
+            layer_bytes += ADAPTER_INPUT_BYTES * adapted_inputs
+        logit_bytes = config.vocab_size * HALF_LOGIT_BYTES + 4 * h
+    return int(tokens * (config.num_hidden_layers * layer_bytes + logit_bytes))
+
+
+def _adapted_inputs_per_layer(peft_model: nn.Module, num_layers: int) -> int:
+    """in_features + r, summed over the LoRA-adapted linear layers, per decoder layer (for `activation_bytes`)."""
+    total = 0
+    for module in peft_model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer") and len(module.lora_A):
+            a = next(iter(module.lora_A.values()))
+            a = getattr(a, "weight", a)  # an nn.Linear (LoRA) or a bare r x in parameter (AdaLoRA)
+            total += a.shape[1] + a.shape[0]
+    return round(total / max(num_layers, 1))
 
 
 def estimate_training_memory(
@@ -262,7 +317,10 @@ def estimate_training_memory(
     kind = kinds.get(peft_config.peft_type, "frozen")
     if peft_config.peft_type in ("PROMPT_TUNING", "P_TUNING"):
         seq_len += peft_config.num_virtual_tokens  # the virtual tokens run through every layer
-    activations = activation_bytes(config, batch_size, seq_len, width, kind, getattr(peft_config, "r", 8))
+    adapted = _adapted_inputs_per_layer(peft_model, config.num_hidden_layers) if kind == "lora" else None
+    activations = activation_bytes(
+        config, batch_size, seq_len, width, kind, getattr(peft_config, "r", 8), adapted_inputs=adapted
+    )
     optimizer = 2 * trained_bytes  # AdamW's two moments
     temporaries = trained_bytes if foreach else 0
     return MemoryEstimate(weights, gradients, optimizer, activations, n_trainable, total + added, temporaries)
