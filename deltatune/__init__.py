@@ -59,8 +59,7 @@ from deltatune.model import (
 from deltatune.quant import prepare_model_for_kbit_training, quantize
 from deltatune.registry import METHODS, PeftType
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
-
-__version__ = "0.1.0"
+from deltatune.version import __version__ as __version__
 
 # transformers' Trainer and trl treat deltatune models as peft models (see deltatune/integrations/transformers.py).
 _transformers_integration.install()

@@ -33,6 +33,7 @@ from deltatune.methods.lora import arithmetic
 from deltatune.registry import method_for
 from deltatune.targets import default_targets
 from deltatune.tuner import TunerModel
+from deltatune.version import __version__
 
 BASE_ADAPTER = "__base__"  # in `adapter_names`: this row runs the base model alone (peft's spelling)
 
@@ -589,7 +590,7 @@ class PeftModel(nn.Module):
             tags=tags,
             pipeline_tag="text-generation" if isinstance(self, PeftModelForCausalLM) else None,
             auto_class=AUTO_CLASS_NAMES.get(config.task_type, "AutoPeftModel"),
-            version_line=f"- deltatune {_deltatune_version()}",
+            version_line=f"- deltatune {__version__}",  # not installed metadata: a checkout may have none
             location=location or output_dir,
         )
 
@@ -706,14 +707,6 @@ class PeftModel(nn.Module):
                 "base_model." + n for n in names
             }  # soft prompts
         checkpoint.copy_into(entries, state, loadable, base_names, allow_nonfinite)
-
-
-def _deltatune_version() -> str:
-    """The version for the model card, from the package itself: a source checkout on PYTHONPATH (a GPU box, a
-    cluster job) has no installed metadata, and saving a trained adapter must not fail over a card line."""
-    import deltatune
-
-    return deltatune.__version__
 
 
 def _named_forward(*names: str):
