@@ -417,3 +417,21 @@ def test_smollm2_text_init_and_prefix_generation(smollm2, tmp_path):
     batch = tokenizer(["The capital of France is", "Hi"], return_tensors="pt", padding=True)
     x, mask = batch["input_ids"], batch["attention_mask"]
     assert max_diff_on_tokens(logits(model, x, mask), logits(theirs, x, mask), mask) <= TOL
+
+
+@pytest.mark.parametrize("method", ["prefix", "mam", "unipelt"])
+def test_prefix_methods_refuse_mpnet_with_a_clear_error(method):
+    """MPNet's relative position bias is sized to the input tokens, not the prefix keys: torch used to fail deep
+    inside its attention (seen in the scale study on all-mpnet-base-v2). The error now names the model and the fix."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    from deltatune.errors import UnsupportedModelError
+    from deltatune.train.recipe import RunConfig, make_peft_config
+
+    config = MPNetConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    model = MPNetForSequenceClassification(config)
+    peft_config = make_peft_config(RunConfig(task="seq-cls", method=method), {})
+    with pytest.raises(UnsupportedModelError, match="MPNet.*relative position bias.*LoRA"):
+        dt.get_peft_model(model, peft_config)

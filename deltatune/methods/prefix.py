@@ -92,6 +92,11 @@ class PrefixEncoder(nn.Module):
             return self.forward().detach()
 
 
+# Models whose attention adds a relative position bias of (input x input) tokens and never widens it for cached keys:
+# with prefixes the scores are (input x (prefix + input)), and torch fails deep inside the attention.
+POSITION_BIAS_WITHOUT_CACHE = {"mpnet"}
+
+
 def inject_prefix(peft_model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> None:
     """Build the adapter's prefix encoder on the PeftModel (the base model is not touched)."""
     if any(getattr(m, "gradient_checkpointing", False) for m in peft_model.get_base_model().modules()):
@@ -100,6 +105,13 @@ def inject_prefix(peft_model: nn.Module, config: PrefixTuningConfig, adapter_nam
             "carries the prefixes); call model.gradient_checkpointing_disable() first."
         )
     model = peft_model.get_base_model()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in POSITION_BIAS_WITHOUT_CACHE:
+        raise UnsupportedModelError(
+            f"Prefix tuning (and MAM, UniPELT) cannot run on {type(model).__name__}: its attention adds a relative "
+            "position bias sized to the input tokens only, so the prefix keys do not fit it. Use LoRA, prompt "
+            "tuning or P-tuning on this model."
+        )
     pl.fill_model_fields(config, model, kv_heads=True)
     if config.token_dim % config.num_attention_heads:
         raise ConfigError(
