@@ -111,17 +111,17 @@ def one(shape: str, method: str, batch: int, seq: int, tiny: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument(
-        "--tiny", action="store_true", help="a tiny Llama, 64 tokens: a smoke run on any device"
-    )
+    parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048; 64 with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny Llama: a smoke run on any device")
     parser.add_argument(
         "--rows", default="", help="shape:method pairs, comma-separated (default: the fitted 1B and 8B rows)"
     )
     parser.add_argument("--out", default="bench/results/gpu")
     args = parser.parse_args(argv)
-    seq = 64 if args.tiny else args.seq
+    seq = args.seq or (64 if args.tiny else 2048)
     chosen = tuple(tuple(r.split(":")) for r in args.rows.split(",") if r) or ROWS
+    if any(len(row) != 2 for row in chosen):
+        sys.exit(f"--rows takes shape:method pairs, e.g. llama-1b:lora,llama-8b:qlora; got {args.rows!r}.")
     rows = chosen if torch.cuda.is_available() or args.tiny else ()
     if not rows:
         sys.exit("No CUDA GPU: run on a GPU machine, or pass --tiny for a smoke run.")

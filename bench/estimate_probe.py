@@ -31,27 +31,17 @@ METHODS = ("prompt_tuning", "lora", "ia3", "full")
 
 
 def probe(shape: str, layers: int, method: str, batch: int, seq: int, tiny: bool) -> dict:
-    import transformers
+    from estimate_gpu import build  # the same random-weight bf16 model and adapter as the estimator's check
 
-    import deltatune as dt
     from deltatune.train.memory import estimate_training_memory, load_config
-    from deltatune.train.recipe import RunConfig, make_peft_config
 
     config = load_config(shape)
     config.num_hidden_layers = layers
     if tiny:
         config.vocab_size, config.hidden_size, config.intermediate_size = 256, 64, 128
         config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 16
-    config._attn_implementation = "sdpa"
     cuda = torch.cuda.is_available()
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda" if cuda else "cpu"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model = dt.get_peft_model(model, make_peft_config(RunConfig(task="causal-lm", method=method), {}))
+    model = build(config, method, "cuda" if cuda else "cpu")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=params[0].device)
@@ -96,13 +86,13 @@ def probe(shape: str, layers: int, method: str, batch: int, seq: int, tiny: bool
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048; 32 with --tiny)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="bench/results/gpu")
     args = parser.parse_args(argv)
     if not (torch.cuda.is_available() or args.tiny):
         sys.exit("No CUDA GPU: run on a GPU machine, or pass --tiny for a smoke run.")
-    seq = 32 if args.tiny else args.seq
+    seq = args.seq or (32 if args.tiny else 2048)
     rows = []
     for shape in SHAPES:
         for method in METHODS:

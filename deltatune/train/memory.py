@@ -234,7 +234,7 @@ def activation_bytes(
     """What autograd keeps for the backward pass of a Llama-style decoder, in bytes, from the shapes alone.
 
     `kind` is what trains: "frozen" (the base is frozen; only new inputs or scales train), "lora" (low-rank updates
-    on linear layers), "ia3" or "full". `adapted_inputs`: for "lora", the summed in_features + r of the adapted
+    on linear layers), "ia3" or "full". `adapted_inputs`: for "lora" in half precision, the summed in_features + r of the adapted
     linear layers of one decoder layer (default: every linear layer, as `target_modules="all-linear"`). The layer
     terms are in the model's dtype; the loss works on float32 logits (transformers upcasts them)."""
     h = config.hidden_size
@@ -244,6 +244,8 @@ def activation_bytes(
     i = config.intermediate_size
     tokens = batch_size * seq_len
     if dtype_bytes == 4:
+        if adapted_inputs is not None:  # float32 adapters read the base layer's own input: no copies to count
+            raise ValueError("adapted_inputs applies to half-precision models only (dtype_bytes 2).")
         c = LAYER_FLOATS[kind]
         per_layer = (c["h"] - NORM_FLOATS) * h + c["kv"] * kv + c["i"] * i
         if kind == "lora":
@@ -317,7 +319,8 @@ def estimate_training_memory(
     kind = kinds.get(peft_config.peft_type, "frozen")
     if peft_config.peft_type in ("PROMPT_TUNING", "P_TUNING"):
         seq_len += peft_config.num_virtual_tokens  # the virtual tokens run through every layer
-    adapted = _adapted_inputs_per_layer(peft_model, config.num_hidden_layers) if kind == "lora" else None
+    half_lora = kind == "lora" and width != 4
+    adapted = _adapted_inputs_per_layer(peft_model, config.num_hidden_layers) if half_lora else None
     activations = activation_bytes(
         config, batch_size, seq_len, width, kind, getattr(peft_config, "r", 8), adapted_inputs=adapted
     )
