@@ -159,6 +159,61 @@ def test_ablations_never_share_a_cached_run():
     assert zero.path("out").endswith("lr0.0003-seed0-init_weights=zero.json")
 
 
+def test_a_trainer_option_reaches_the_trainer_and_not_the_method(tiny, monkeypatch):
+    """bench/head_lr.py's ablation: options={"head_lr": ...} trains the head in its own optimizer group."""
+    from deltatune.apps.bench.run import RunSpec, run_here
+    from deltatune.train import trainer
+
+    groups = []
+
+    class Recording(trainer.Trainer):
+        def _param_groups(self):
+            found = super()._param_groups()
+            groups.append([(len(g["params"]), g.get("lr")) for g in found])
+            return found
+
+    monkeypatch.setattr(trainer, "Trainer", Recording)
+    task = BenchSettings.quick().task("sst2")
+    spec = RunSpec(
+        tiny["model"], task, "prompt_tuning", 0.03, 0, tiny["data"], max_steps=1, options={"head_lr": 1e-3}
+    )
+    row = run_here(spec)
+    assert row["status"] == "ok", row
+    assert groups == [
+        [(1, None), (2, 1e-3)]
+    ]  # the soft prompt at lr; the classifier's weight and bias at head_lr
+    assert spec.path("out").endswith("lr0.03-seed0-head_lr=0.001.json")
+
+
+def test_head_lr_ablation_script_compares_both_arms(tiny):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "head_lr.py")
+    spec = importlib.util.spec_from_file_location("head_lr", path)
+    head_lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(head_lr)
+    out = str(tiny["root"] / "head_lr")
+    args = [
+        "--model",
+        tiny["model"],
+        "--methods",
+        "prompt_tuning=0.03",
+        "--seeds",
+        "0",
+        "--max-steps",
+        "1",
+        "--rows",
+        "64",
+    ]
+    assert head_lr.main([*args, "--data-dir", tiny["data"], "--budget-scale", "0.02", "--out", out]) == 0
+    report = json.load(open(os.path.join(out, "head_lr.json")))
+    assert [(r["head_lr"], r["status"]) for r in report["runs"]] == [("the prompt's", "ok"), ("0.001", "ok")]
+    table = open(os.path.join(out, "head_lr.md")).read()
+    assert "| prompt_tuning | 0.03 | 0.001 | 0: " in table
+    with pytest.raises(SystemExit, match="METHOD=LR"):
+        head_lr.parse_methods("prompt_tuning")
+
+
 def test_the_base_and_its_fresh_head_are_built_under_the_runs_seed(tiny, monkeypatch):
     """A seq-cls head is initialised while the base loads; without the run's seed there, the same run gave
     different scores in two processes (val 0.80 vs 0.78 on all-MiniLM-L6-v2)."""

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from helpers import tiny_llama, tiny_mlp
 
 from deltatune import LoraConfig, get_peft_model
+from deltatune.errors import ConfigError
 from deltatune.train import CausalLMTask, CustomTask, TrainConfig, Trainer
 from deltatune.train.distill import distillation_loss
+from deltatune.train.trainer import fingerprint_changes
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
@@ -109,6 +111,43 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path):
     # the (4, 2) run sees the same rows per step because batches of 4 are cut from the same shuffled order
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-6)
+
+
+def _one_sgd_step(tmp_path, **kw):
+    """The change of every trainable tensor after one plain SGD step (no momentum, clipping or schedule)."""
+    model = lora_mlp()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    cfg = config(tmp_path, max_steps=1, optimizer="sgd", momentum=0.0, max_grad_norm=0.0, **kw)
+    Trainer(model, CustomTask(mlp_loss), mlp_data(32), None, cfg).train()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_head_lr_trains_the_task_head_at_its_own_rate(tmp_path):
+    """The head (modules_to_save) moves head_lr / lr as far as it does at lr; the adapter moves exactly as before."""
+    plain = _one_sgd_step(tmp_path / "plain")
+    split = _one_sgd_step(tmp_path / "split", head_lr=2.5e-3)
+    head = [n for n in plain if ".modules_to_save." in n]
+    moved = {n for n, delta in plain.items() if delta.abs().max() > 0}  # lora_A waits for lora_B's first step
+    assert head and set(head) <= moved and moved - set(head)
+    for name in plain:
+        expected = plain[name] * (2.5e-3 / 1e-2) if name in head else plain[name]
+        torch.testing.assert_close(
+            split[name], expected, rtol=1e-4, atol=5e-8
+        )  # float32 rounding of p + delta
+
+
+def test_head_lr_without_a_trained_head_is_refused(tmp_path):
+    model = get_peft_model(tiny_mlp(0), LoraConfig(r=4, target_modules=["lin0", "lin1"]))
+    cfg = config(tmp_path, max_steps=1, head_lr=1e-3)
+    with pytest.raises(ConfigError, match="head_lr is set, but no task head is trained"):
+        Trainer(model, CustomTask(mlp_loss), mlp_data(16), None, cfg).train()
+    with pytest.raises(ConfigError, match="head_lr must be positive"):
+        config(tmp_path, head_lr=0.0)
+
+
+def test_a_setting_missing_from_an_old_checkpoint_counts_as_unset():
+    assert fingerprint_changes({"lr": 0.1}, {"lr": 0.1, "head_lr": None}) == []
+    assert fingerprint_changes({"lr": 0.1}, {"lr": 0.1, "head_lr": 0.01}) == ["head_lr: '(unset)' -> 0.01"]
 
 
 def test_on_optimizer_step_is_called_each_step(tmp_path):

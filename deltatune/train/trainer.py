@@ -69,6 +69,9 @@ RUN_FILES = (
 CHECKPOINTS = (CHECKPOINT, BEST)
 # TrainConfig fields that change how a run is executed, logged or saved, not the numbers it computes; every other
 # field is part of the fingerprint a resumed run must match.
+HEAD_MARK = (
+    ".modules_to_save."  # in the names of the task head's trainable copies (peft's ModulesToSaveWrapper)
+)
 NOT_IN_FINGERPRINT = {
     "output_dir",
     "eval_batch_size",
@@ -116,6 +119,7 @@ class TrainConfig:
     eval_batch_size: int = 0  # 0: 2 * batch_size
     grad_accum: int = 1
     lr: float = 1e-4
+    head_lr: float | None = None  # the task head's own rate (modules_to_save: classifier, score); None: lr
     weight_decay: float = 0.0
     optimizer: str = "adamw"
     momentum: float = 0.9  # SGD only
@@ -158,6 +162,10 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(
                 f"lr must be positive, got {self.lr}; a typical LoRA learning rate is 1e-4 to 1e-3."
+            )
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise ConfigError(
+                f"head_lr must be positive, got {self.head_lr}; leave it unset to train the head at lr."
             )
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
@@ -316,11 +324,12 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'field: old -> new' for every field whose value differs."""
+    """'field: old -> new' for every field whose value differs. A field missing on one side counts as None: a
+    checkpoint written before an optional setting existed (head_lr) resumes when that setting is still unset."""
     return [
         f"{key}: {saved.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
         for key in sorted(set(saved) | set(current))
-        if saved.get(key, "(unset)") != current.get(key, "(unset)")
+        if saved.get(key) != current.get(key)
     ]
 
 
@@ -429,12 +438,9 @@ class Trainer:
             distributed.shard_model(
                 self.model, self.device, torch.bfloat16 if c.precision == "bf16" else None, c.cpu_offload
             )
-        params = list(self.trainable().values())
-        if not params:
-            raise ValueError("The model has no trainable parameters; check the method's options.")
         self.total_steps = self._total_steps()
         warmup = c.warmup_steps or int(c.warmup_ratio * self.total_steps)
-        self.optimizer = make_optimizer(params, c.optimizer, c.lr, c.weight_decay, c.momentum)
+        self.optimizer = make_optimizer(self._param_groups(), c.optimizer, c.lr, c.weight_decay, c.momentum)
         self.schedule = Schedule(
             self.optimizer, c.scheduler, self.total_steps, warmup, c.min_lr, c.gamma, c.max_lr
         )
@@ -445,6 +451,26 @@ class Trainer:
         if self.is_main:
             claim_output_dir(c.output_dir, c.resume, c.overwrite)
         os.makedirs(c.output_dir, exist_ok=True)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """One group at `lr`, or, with `head_lr`, the task head in a group of its own.
+
+        Why: a soft prompt wants a rate (1e-2 to 1e-1) that is far too high for a freshly initialised dense head,
+        such as MPNet's 590k-parameter classifier, while LoRA's rate suits that head well."""
+        trainable = self.trainable()
+        if not trainable:
+            raise ValueError("The model has no trainable parameters; check the method's options.")
+        if self.config.head_lr is None:
+            return [{"params": list(trainable.values())}]
+        head = [p for n, p in trainable.items() if HEAD_MARK in n]
+        if not head:
+            raise ConfigError(
+                "head_lr is set, but no task head is trained (no modules_to_save among the trainable parameters); "
+                "remove head_lr, or train the head (a seq-cls task, or modules_to_save in the method's options)."
+            )
+        rest = [p for n, p in trainable.items() if HEAD_MARK not in n]
+        head_group = {"params": head, "lr": self.config.head_lr}
+        return [{"params": rest}, head_group] if rest else [head_group]
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that determines the run's trajectory: the config's trajectory fields, the world size, the

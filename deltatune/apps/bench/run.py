@@ -26,6 +26,9 @@ RUN_VERSION = 3  # bump when a change to the benchmark makes cached runs stale
 # (2: MAM/UniPELT zero prefixes; 3: the fresh head is initialised under the run's seed, so a run is reproducible)
 
 
+TRAINER_OPTIONS = {"head_lr"}  # ablation options that go to the trainer, not to the method's config
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     model: str
@@ -38,7 +41,7 @@ class RunSpec:
     max_steps: int = 0  # > 0: a cap on the steps (tests)
     options: dict[str, Any] = dataclasses.field(
         default_factory=dict
-    )  # method options (ablations; bench rows: none)
+    )  # ablations (bench rows: none): method options, and trainer settings such as head_lr
 
     def key(self) -> str:
         """What makes two runs the same run (the cache key)."""
@@ -141,8 +144,10 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     features = {name: task.prepare(table, name) for name, table in tables.items()}
     steps = steps_for_budget(features["train"], t.token_budget, t.batch_size)
     steps = min(steps, spec.max_steps) if spec.max_steps else steps
+    train_options = {k: v for k, v in spec.options.items() if k in TRAINER_OPTIONS}
+    method_options = {k: v for k, v in spec.options.items() if k not in TRAINER_OPTIONS}
     seed_everything(spec.seed)
-    config = make_peft_config(run, dict(spec.options), steps, tokenizer)
+    config = make_peft_config(run, method_options, steps, tokenizer)
     peft_model = get_peft_model(model, config)
     added = sum(p.numel() for p in peft_model.parameters() if id(p) not in base_ids)
     marks: list[tuple[float, int]] = []
@@ -167,6 +172,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
             plot=False,
             keep_checkpoint=False,
             load_best_at_end=False,
+            **train_options,
         )
         trainer = Trainer(
             peft_model,
