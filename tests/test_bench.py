@@ -214,6 +214,23 @@ def test_head_lr_ablation_script_compares_both_arms(tiny):
         head_lr.parse_methods("prompt_tuning")
 
 
+def test_prefix_init_arms_reuse_the_bench_runs_and_read_the_answer_position():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "prefix_init.py")
+    spec = importlib.util.spec_from_file_location("prefix_init", path)
+    prefix_init = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prefix_init)
+    # the arm equal to the method's default is the bench's own run (no options, the same cache file)
+    assert prefix_init.arm_options("prefix", {"init_weights": None}) == {}
+    assert prefix_init.arm_options("prefix", {"init_weights": "zero"}) == {"init_weights": "zero"}
+    assert prefix_init.arm_options("mam", {"init_weights": "zero"}) == {}
+    assert prefix_init.build_config("prefix", {"init_weights": "zero"}).num_virtual_tokens == 20
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]])  # right-padded, left-padded, full
+    assert prefix_init.read_position(mask, decoder=True).tolist() == [2, 3, 3]
+    assert prefix_init.read_position(mask, decoder=False).tolist() == [0, 0, 0]
+
+
 def test_the_base_and_its_fresh_head_are_built_under_the_runs_seed(tiny, monkeypatch):
     """A seq-cls head is initialised while the base loads; without the run's seed there, the same run gave
     different scores in two processes (val 0.80 vs 0.78 on all-MiniLM-L6-v2)."""
