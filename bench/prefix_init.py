@@ -4,7 +4,8 @@ Both carry prefix tuning, whose prefixes start as N(0, 1) keys and values in eve
 pretrained encoder that is far from harmless: 20 random prefixes move all-MiniLM-L6-v2's [CLS] vector by about half
 its norm before any training, and some seeds never recover within the budget. This trains MAM and UniPELT on the
 benchmark's SST-2 task (same data, token budget and learning rate as `deltatune bench`) with random and with zero
-prefixes (`init_weights="zero"`), over three seeds, and writes bench/results/prefix_init.{json,md}.
+prefixes (`init_weights="zero"`), over three seeds, and writes prefix_init.{json,md} into --out
+(prefix_init_<task>.{json,md} for another task than sst2).
 
 The same question for plain prefix tuning on a decoder: `--model smollm2-135m-instruct --task sst2-text --methods
 prefix --lr 0.003 --out bench/results/scale_dec` (the rate its sweep chose there). An arm equal to the method's default
@@ -153,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         "runs": results,
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "prefix_init.json"), "w") as fh:
+    stem = os.path.join(args.out, "prefix_init" if args.task == "sst2" else f"prefix_init_{args.task}")
+    with open(f"{stem}.json", "w") as fh:
         json.dump(report, fh, indent=1)
-    with open(os.path.join(args.out, "prefix_init.md"), "w") as fh:
+    with open(f"{stem}.md", "w") as fh:
         fh.write(markdown(report))
     print(markdown(report))
     return 0

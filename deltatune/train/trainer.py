@@ -67,11 +67,10 @@ RUN_FILES = (
     distributed.SHARDS,
 )
 CHECKPOINTS = (CHECKPOINT, BEST)
+# In the names of the task head's trainable copies (peft's ModulesToSaveWrapper): what head_lr applies to.
+HEAD_MARK = ".modules_to_save."
 # TrainConfig fields that change how a run is executed, logged or saved, not the numbers it computes; every other
 # field is part of the fingerprint a resumed run must match.
-HEAD_MARK = (
-    ".modules_to_save."  # in the names of the task head's trainable copies (peft's ModulesToSaveWrapper)
-)
 NOT_IN_FINGERPRINT = {
     "output_dir",
     "eval_batch_size",
