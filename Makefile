@@ -98,7 +98,10 @@ ladder: $(STAMP)
 # runs are cached under bench/results/scale/runs), then step time and memory vs size on random-weight Llamas.
 bench-scale: ladder
 	$(BIN)/deltatune bench --models paraphrase-minilm-l3-v2,all-minilm-l6-v2,all-mpnet-base-v2 --methods lora,prompt_tuning,prompt_tuning_cls,p_tuning,p_tuning_cls,prefix,mam,unipelt --budget-scale 2 --out bench/results/scale_b2 --jobs 2
-	$(BIN)/deltatune bench --models smollm2-135m-instruct --tasks sst2-text --methods lora,prompt_tuning,prefix --seeds 0,1,2 --out bench/results/scale_dec --jobs 2
+	$(BIN)/deltatune bench --models smollm2-135m-instruct --tasks sst2-text,dates --methods lora,prompt_tuning,prefix --seeds 0,1,2 --out bench/results/scale_dec --jobs 2
+	$(BIN)/python bench/head_lr.py --methods prompt_tuning_cls=0.09,p_tuning_cls=0.00333 --plain-seeds 0 --seeds 0,1,2 --jobs 2
+	$(BIN)/python bench/prefix_init.py --model smollm2-135m-instruct --task sst2-text --methods prefix --lr 0.003 --jobs 3 --out bench/results/scale_dec
+	$(BIN)/python bench/prefix_init.py --model smollm2-135m-instruct --task dates --methods prefix --lr 0.003 --seeds 0 --jobs 1 --out bench/results/scale_dec
 	$(BIN)/python bench/prefix_init.py --methods mam,unipelt --budget-scale 0.5 --out bench/results/scale
 	$(BIN)/python bench/llama_scaling.py --out bench/results
 
