@@ -252,6 +252,21 @@ def test_the_base_and_its_fresh_head_are_built_under_the_runs_seed(tiny, monkeyp
     assert len(states) == 2 and torch.equal(states[0], states[1])
 
 
+def test_a_rate_chosen_at_the_edge_of_the_sweep_is_flagged():
+    from deltatune.apps.bench.report import sweep_edge
+
+    def sweep(*vals):
+        return [{"lr": lr, "val_score": v, "status": "ok"} for lr, v in zip((0.01, 0.03, 0.09), vals)]
+
+    assert "top of the sweep" in sweep_edge(sweep(0.23, 0.53, 0.61), 0.09)
+    assert "bottom of the sweep" in sweep_edge(sweep(0.88, 0.87, 0.87), 0.01)
+    assert sweep_edge(sweep(0.5, 0.8, 0.6), 0.03) == ""  # a peak inside the sweep
+    assert sweep_edge(sweep(0.87, 1.0, 1.0), 0.03) == ""  # a tie at the edge: the next rate gains nothing
+    assert sweep_edge(sweep(0.6)[:1], 0.01) == ""  # one rate: no sweep to be at the edge of
+    unrun_bottom = [{"lr": 0.01, "val_score": None, "status": "not run"}, *sweep(0, 0.84, 0.70)[1:]]
+    assert sweep_edge(unrun_bottom, 0.03) == ""  # 0.01 did not run: 0.03 is not the sweep's bottom
+
+
 def test_a_wide_spread_over_seeds_is_explained_by_the_training_losses():
     from deltatune.apps.bench.report import _note
     from deltatune.apps.bench.run import loss_ends

@@ -44,7 +44,7 @@ def summarize(cell, baseline: dict[str, Any]) -> dict[str, Any]:
             "dev_std": statistics.stdev(scores) if len(scores) > 1 else None,
             "seed_scores": {r["seed"]: r.get("dev_score") for r in runs},
             "seeds_missing": [r["seed"] for r in runs if r["status"] != "ok"],
-            "note": _note(runs, scores, baseline),
+            "note": "; ".join(n for n in (_note(runs, scores, baseline), sweep_edge(cell.sweep, lr)) if n),
             "config": first.get("config"),
         }
     )
@@ -67,6 +67,20 @@ def _note(runs: list[dict[str, Any]], scores: list[float], baseline: dict[str, A
         per_seed = ", ".join(_seed_text(r) for r in ok)
         notes.append(f"std > {STD_LIMIT}: {why} ({per_seed}){_cause(ok)}")
     return "; ".join(notes)
+
+
+def sweep_edge(sweep: list[dict[str, Any]], lr: float) -> str:
+    """A warning when the chosen rate is the sweep's highest or lowest and validation still improves towards that
+    edge: the method's best rate lies outside the sweep, so its score is a lower bound."""
+    ok = sorted((r for r in sweep if r["status"] == "ok"), key=lambda r: r["lr"])
+    rates = [r["lr"] for r in sweep]  # a rate that did not run still bounds the sweep: no claim past it
+    if len(ok) < 2:
+        return ""
+    if lr == max(rates) and ok[-1]["val_score"] > ok[-2]["val_score"]:
+        return "chosen at the top of the sweep, validation still rising: a higher rate may score more"
+    if lr == min(rates) and ok[0]["val_score"] > ok[1]["val_score"]:
+        return "chosen at the bottom of the sweep, validation still rising: a lower rate may score more"
+    return ""
 
 
 def _seed_text(r: dict[str, Any]) -> str:
