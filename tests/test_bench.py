@@ -252,19 +252,60 @@ def test_the_base_and_its_fresh_head_are_built_under_the_runs_seed(tiny, monkeyp
     assert len(states) == 2 and torch.equal(states[0], states[1])
 
 
+def _sweep(*vals, rates=(0.01, 0.03, 0.09)):
+    return [{"lr": lr, "val_score": v, "status": "ok"} for lr, v in zip(rates, vals)]
+
+
 def test_a_rate_chosen_at_the_edge_of_the_sweep_is_flagged():
+    from deltatune.apps.bench import Cell
     from deltatune.apps.bench.report import sweep_edge
 
-    def sweep(*vals):
-        return [{"lr": lr, "val_score": v, "status": "ok"} for lr, v in zip((0.01, 0.03, 0.09), vals)]
+    def cell(sweep):
+        return Cell("m", BenchSettings.quick().task("sst2"), "prompt_tuning", sweep=sweep)
 
-    assert "top of the sweep" in sweep_edge(sweep(0.23, 0.53, 0.61), 0.09)
-    assert "bottom of the sweep" in sweep_edge(sweep(0.88, 0.87, 0.87), 0.01)
-    assert sweep_edge(sweep(0.5, 0.8, 0.6), 0.03) == ""  # a peak inside the sweep
-    assert sweep_edge(sweep(0.87, 1.0, 1.0), 0.03) == ""  # a tie at the edge: the next rate gains nothing
-    assert sweep_edge(sweep(0.6)[:1], 0.01) == ""  # one rate: no sweep to be at the edge of
-    unrun_bottom = [{"lr": 0.01, "val_score": None, "status": "not run"}, *sweep(0, 0.84, 0.70)[1:]]
-    assert sweep_edge(unrun_bottom, 0.03) == ""  # 0.01 did not run: 0.03 is not the sweep's bottom
+    assert "top of the sweep" in sweep_edge(cell(_sweep(0.23, 0.53, 0.61)))
+    assert "bottom of the sweep" in sweep_edge(cell(_sweep(0.88, 0.87, 0.87)))
+    assert sweep_edge(cell(_sweep(0.5, 0.8, 0.6))) == ""  # a peak inside the sweep
+    assert (
+        sweep_edge(cell(_sweep(0.87, 1.0, 1.0))) == ""
+    )  # a tie at the edge goes to the rate nearer typical_lr
+    assert sweep_edge(cell(_sweep(0.6))) == ""  # one rate: no sweep to be at the edge of
+    unrun_bottom = [
+        {"lr": 0.01, "val_score": None, "status": "not run"},
+        *_sweep(0.84, 0.70, rates=(0.03, 0.09)),
+    ]
+    assert sweep_edge(cell(unrun_bottom)) == ""  # 0.01 did not run: 0.03 is not the sweep's bottom
+
+
+def test_the_sweep_goes_past_a_rising_edge_and_the_seeds_follow(tiny, monkeypatch):
+    """Validation rises with the rate here (val = lr), so every sweep ends at its top: it goes one x3 step further
+    per `extend_sweep`, and the other seeds train at the extended rate."""
+    import deltatune.apps.bench as bench
+
+    ran = []
+
+    def fake_runs(specs, s, out_dir, report_only):
+        ran.extend(specs)
+        return [
+            {"lr": x.lr, "seed": x.seed, "status": "ok", "val_score": x.lr, "dev_score": 0.5} for x in specs
+        ]
+
+    monkeypatch.setattr(bench, "_run_all", fake_runs)
+    from deltatune.apps.bench import report
+
+    monkeypatch.setattr(report, "write", lambda *a, **k: None)  # fake rows have no measurements to tabulate
+    monkeypatch.setattr(report, "cell_line", lambda *a: "")
+    settings = BenchSettings(
+        models=[tiny["model"]], methods=["lora"], seeds=[0, 1], data_dir=tiny["data"], rows=64, extend_sweep=2
+    )
+    result = bench.run_bench(settings, str(tiny["root"] / "extend"), log=lambda _: None)
+    (cell,) = result["cells"]
+    assert [r["lr"] for r in cell.sweep] == [0.000333, 0.001, 0.003, 0.009, 0.027]
+    assert [(x.lr, x.seed) for x in ran[-1:]] == [(0.027, 1)]
+    assert cell.rising_edge() == 1  # still rising after both extensions: the table says so
+    none = BenchSettings(**{**settings.__dict__, "extend_sweep": 0})
+    (plain,) = bench.run_bench(none, str(tiny["root"] / "extend0"), log=lambda _: None)["cells"]
+    assert [r["lr"] for r in plain.sweep] == [0.000333, 0.001, 0.003]
 
 
 def test_a_wide_spread_over_seeds_is_explained_by_the_training_losses():

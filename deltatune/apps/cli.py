@@ -338,6 +338,10 @@ def bench(
     lr_factors: str = typer.Option(
         None, help="The sweep: multiples of each method's typical_lr (default: 0.333,1,3; 1 with --quick)."
     ),
+    extend_sweep: int = typer.Option(
+        None,
+        help="Rates added past an edge of the sweep while validation still rises there (default: 1; 0: none).",
+    ),
     budget_scale: float = typer.Option(None, help="Times each task's training-token budget."),
     max_steps: int = typer.Option(None, help="A cap on the steps of every run (tests)."),
     data_dir: str = typer.Option(
@@ -360,6 +364,7 @@ def bench(
         "methods": _csv("--methods", methods),
         "seeds": _csv("--seeds", seeds, int),
         "lr_factors": _csv("--lr-factors", lr_factors, float),
+        "extend_sweep": extend_sweep,
         "budget_scale": budget_scale,
         "max_steps": max_steps,
         "data_dir": data_dir,

@@ -5,7 +5,9 @@ Why: "which method is best" depends on the model's size, and published compariso
 (model, task, method) the benchmark:
 1. trains with seed `seeds[0]` at `Method.typical_lr` times each of `lr_factors` (the sweep), and scores every run
    on the validation split (carved from the training data);
-2. keeps the learning rate with the best validation score (reported) and trains the other seeds with it;
+2. keeps the learning rate with the best validation score (reported) and trains the other seeds with it; when that
+   rate is the sweep's highest (or lowest) and validation still rises towards it, the sweep first goes one step
+   further that way, up to `extend_sweep` times (a rate left at a rising edge is flagged in the table);
 3. reports the dev score (never seen by the sweep) as mean and std over seeds, and the trainable / added / stored
    parameters, peak memory (max RSS of the run's own process), median step time and training tokens/s of the
    `seeds[0]` run at the chosen learning rate.
@@ -55,6 +57,7 @@ class BenchSettings:
     methods: list[str] | None = None  # None: every registry variant (bench_methods)
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     lr_factors: list[float] = dataclasses.field(default_factory=lambda: [1 / 3, 1.0, 3.0])
+    extend_sweep: int = 1  # rates added past an edge of the sweep while validation still rises there
     budget_scale: float = 1.0  # times each task's token budget
     max_steps: int = 0  # > 0: a cap on the steps of every run (tests)
     rows: int = 0  # > 0: at most this many rows per split
@@ -103,6 +106,24 @@ class Cell:
     method: str
     sweep: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     seeds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def rising_edge(self) -> int:
+        """+1 when the chosen rate is the sweep's highest and validation still rises towards it, -1 for the lowest,
+        else 0: the best rate may lie outside the sweep."""
+        lr, ok = (
+            self.chosen_lr(),
+            sorted((r for r in self.sweep if r["status"] == "ok"), key=lambda r: r["lr"]),
+        )
+        rates = [
+            r["lr"] for r in self.sweep
+        ]  # a rate that did not run still bounds the sweep: no claim past it
+        if len(ok) < 2:
+            return 0
+        if lr == max(rates) and ok[-1]["val_score"] > ok[-2]["val_score"]:
+            return 1
+        if lr == min(rates) and ok[0]["val_score"] > ok[1]["val_score"]:
+            return -1
+        return 0
 
     def chosen_lr(self) -> float | None:
         ok = [r for r in self.sweep if r["status"] == "ok"]
@@ -188,6 +209,7 @@ def run_bench(
         rows = iter(_run_all(sweep, s, out_dir, report_only))
         for c in group:
             c.sweep = [next(rows) for _ in s.lr_factors]
+        _extend_sweeps(group, s, out_dir, report_only)
         seeds = [
             (c, _spec(s, c.model, c.task, c.method, c.chosen_lr(), seed))
             for c in group
@@ -202,6 +224,28 @@ def run_bench(
         report.write(result, out_dir)
     report.write(result, out_dir, plots=True)
     return result
+
+
+def _extend_sweeps(group: list[Cell], s: BenchSettings, out_dir: str, report_only: bool) -> None:
+    """One more rate past the edge, for each cell chosen at a rising edge, up to `extend_sweep` times; the step is
+    the sweep's own (x3 for 0.33 / 1 / 3). With `report_only` only extensions that ran before are taken."""
+    if len(s.lr_factors) < 2:
+        return
+    step = (max(s.lr_factors) / min(s.lr_factors)) ** (1 / (len(s.lr_factors) - 1))
+    for _ in range(s.extend_sweep):
+        todo = [(c, c.rising_edge()) for c in group if c.rising_edge()]
+        specs = [
+            _spec(s, c.model, c.task, c.method, c.chosen_lr() * step**edge, s.seeds[0]) for c, edge in todo
+        ]
+        found = [
+            (c, row)
+            for (c, _), row in zip(todo, _run_all(specs, s, out_dir, report_only))
+            if row["status"] != "not run"
+        ]
+        for c, row in found:
+            c.sweep.append(row)
+        if not found:
+            return
 
 
 def _groups(cells: list[Cell]) -> list[list[Cell]]:

@@ -44,7 +44,7 @@ def summarize(cell, baseline: dict[str, Any]) -> dict[str, Any]:
             "dev_std": statistics.stdev(scores) if len(scores) > 1 else None,
             "seed_scores": {r["seed"]: r.get("dev_score") for r in runs},
             "seeds_missing": [r["seed"] for r in runs if r["status"] != "ok"],
-            "note": "; ".join(n for n in (_note(runs, scores, baseline), sweep_edge(cell.sweep, lr)) if n),
+            "note": "; ".join(n for n in (_note(runs, scores, baseline), sweep_edge(cell)) if n),
             "config": first.get("config"),
         }
     )
@@ -69,16 +69,12 @@ def _note(runs: list[dict[str, Any]], scores: list[float], baseline: dict[str, A
     return "; ".join(notes)
 
 
-def sweep_edge(sweep: list[dict[str, Any]], lr: float) -> str:
-    """A warning when the chosen rate is the sweep's highest or lowest and validation still improves towards that
-    edge: the method's best rate lies outside the sweep, so its score is a lower bound."""
-    ok = sorted((r for r in sweep if r["status"] == "ok"), key=lambda r: r["lr"])
-    rates = [r["lr"] for r in sweep]  # a rate that did not run still bounds the sweep: no claim past it
-    if len(ok) < 2:
-        return ""
-    if lr == max(rates) and ok[-1]["val_score"] > ok[-2]["val_score"]:
+def sweep_edge(cell) -> str:
+    """A warning when the chosen rate is left at a rising edge of the sweep: its score is a lower bound."""
+    edge = cell.rising_edge()
+    if edge > 0:
         return "chosen at the top of the sweep, validation still rising: a higher rate may score more"
-    if lr == min(rates) and ok[0]["val_score"] > ok[1]["val_score"]:
+    if edge < 0:
         return "chosen at the bottom of the sweep, validation still rising: a lower rate may score more"
     return ""
 
@@ -231,7 +227,7 @@ def _detail_table(model: str, rows: list[dict[str, Any]]) -> list[str]:
             continue
         sweep = ", ".join(
             f"{x['lr']:.2g}: {x['val_score']:.3f}" if x["status"] == "ok" else f"{x['lr']:.2g}: -"
-            for x in r["sweep"]
+            for x in sorted(r["sweep"], key=lambda x: x["lr"])
         )
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} | {r['added_params']:,} | {r['stored_params']:,} | "
