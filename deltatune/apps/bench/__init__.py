@@ -110,13 +110,9 @@ class Cell:
     def rising_edge(self) -> int:
         """+1 when the chosen rate is the sweep's highest and validation still rises towards it, -1 for the lowest,
         else 0: the best rate may lie outside the sweep."""
-        lr, ok = (
-            self.chosen_lr(),
-            sorted((r for r in self.sweep if r["status"] == "ok"), key=lambda r: r["lr"]),
-        )
-        rates = [
-            r["lr"] for r in self.sweep
-        ]  # a rate that did not run still bounds the sweep: no claim past it
+        lr = self.chosen_lr()
+        ok = sorted((r for r in self.sweep if r["status"] == "ok"), key=lambda r: r["lr"])
+        rates = [r["lr"] for r in self.sweep]  # a rate that did not run still bounds the sweep
         if len(ok) < 2:
             return 0
         if lr == max(rates) and ok[-1]["val_score"] > ok[-2]["val_score"]:
