@@ -454,8 +454,9 @@ class Trainer:
     def _param_groups(self) -> list[dict[str, Any]]:
         """One group at `lr`, or, with `head_lr`, the task head in a group of its own.
 
-        Why: a soft prompt wants a rate (1e-2 to 1e-1) that is far too high for a freshly initialised dense head,
-        such as MPNet's 590k-parameter classifier, while LoRA's rate suits that head well."""
+        Why: a soft prompt learns at rates (1e-2 to 1e-1) a hundred times LoRA's, and the fresh task head trained
+        beside it (on MPNet a 590k-parameter dense layer) gets that rate too unless it has its own
+        (bench/results/scale_b2/head_lr.md measures it)."""
         trainable = self.trainable()
         if not trainable:
             raise ValueError("The model has no trainable parameters; check the method's options.")
