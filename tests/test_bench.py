@@ -146,6 +146,8 @@ def test_sweep_picks_on_validation_and_seeds_average(tiny):
 
     bad = _bench(tiny, out, "--methods", "lora", "--seeds", "one")
     assert bad.exit_code == 2 and "--seeds" in bad.output
+    negative = _bench(tiny, out, "--methods", "lora", "--extend-sweep", "-1")
+    assert negative.exit_code == 2 and "--extend-sweep" in negative.output
 
 
 def test_ablations_never_share_a_cached_run():

@@ -371,6 +371,8 @@ def bench(
         "isolate": isolate,
         "jobs": jobs,
     }
+    if extend_sweep is not None and extend_sweep < 0:
+        raise typer.BadParameter(f"--extend-sweep takes 0 (no extension) or more steps, got {extend_sweep}.")
     overrides = {k: v for k, v in given.items() if v is not None}
     settings = BenchSettings.quick(**overrides) if quick else BenchSettings(**overrides)
     run_bench(settings, out, log=typer.echo, report_only=report_only)

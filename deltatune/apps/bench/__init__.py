@@ -229,7 +229,7 @@ def _extend_sweeps(group: list[Cell], s: BenchSettings, out_dir: str, report_onl
         return
     step = (max(s.lr_factors) / min(s.lr_factors)) ** (1 / (len(s.lr_factors) - 1))
     for _ in range(s.extend_sweep):
-        todo = [(c, c.rising_edge()) for c in group if c.rising_edge()]
+        todo = [(c, edge) for c in group if (edge := c.rising_edge())]
         specs = [
             _spec(s, c.model, c.task, c.method, c.chosen_lr() * step**edge, s.seeds[0]) for c, edge in todo
         ]
